@@ -1,0 +1,1 @@
+"""moco_ray: model collaboration on Ray."""
