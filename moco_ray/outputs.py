@@ -21,6 +21,7 @@ SCHEMA = pa.schema([
     ("run", pa.string()), ("generation", pa.int64()), ("job", pa.string()),
     ("strategy", pa.string()), ("task", pa.string()), ("split", pa.string()),
     ("example_id", pa.string()), ("prompt", pa.string()), ("output", pa.string()),
+    ("chat", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
     ("reference", pa.string()), ("score", pa.float64()), ("trace", pa.list_(TURN)),
     ("model_versions", pa.map_(pa.string(), pa.int64())), ("cost", pa.list_(COST)),
     ("meta", pa.string()),
@@ -31,7 +32,7 @@ def record_row(r: Record) -> dict:
     return {
         "run": r.run, "generation": r.generation, "job": r.job, "strategy": r.strategy,
         "task": r.task, "split": r.split, "example_id": r.example_id, "prompt": r.prompt,
-        "output": r.output, "reference": r.reference, "score": r.score,
+        "output": r.output, "chat": r.chat, "reference": r.reference, "score": r.score,
         "trace": [{**t.model_dump(exclude={"meta"}), "meta": json.dumps(t.meta, default=str)}
                   for t in r.trace],
         "model_versions": list(r.model_versions.items()),
@@ -49,7 +50,7 @@ def row_to_record(row: dict) -> Record:
     return Record(
         run=row["run"], generation=row["generation"], job=row["job"], strategy=row["strategy"],
         task=row["task"], split=row["split"], example_id=row["example_id"], prompt=row["prompt"],
-        output=row["output"], reference=row["reference"], score=row["score"],
+        output=row["output"], chat=row["chat"], reference=row["reference"], score=row["score"],
         trace=[Turn(**{**t, "meta": json.loads(t["meta"])}) for t in row["trace"]],
         model_versions=dict(row["model_versions"]),
         cost={c["model"]: Cost(**{k: v for k, v in c.items() if k != "model"})

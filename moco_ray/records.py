@@ -105,6 +105,9 @@ class Record(BaseModel):
     example_id: str
     prompt: str
     output: str
+    # The prompt as chat messages (what distillation trains on); raw-text prompts become one
+    # user message.
+    chat: list[ChatMessage] = Field(default_factory=list)
     reference: str = ""
     score: float | None = None
     trace: list[Turn] = Field(default_factory=list)

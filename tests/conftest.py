@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -33,11 +34,15 @@ def ray_session(_zoo_cache):
     import ray
 
     if not ray.is_initialized():
+        env = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "VLLM_ENABLE_V1_MULTIPROCESSING",
+                                          "VLLM_CPU_KVCACHE_SPACE", "MOCO_RAY_CACHE",
+                                          "TOKENIZERS_PARALLELISM") if k in os.environ}
+        # Workers import test modules too (test doubles handed to actors live there).
+        tests_dir = str(Path(__file__).parent)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [tests_dir] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {k: os.environ[k] for k in (
-                     "RAY_AUTH_MODE", "VLLM_ENABLE_V1_MULTIPROCESSING",
-                     "VLLM_CPU_KVCACHE_SPACE", "MOCO_RAY_CACHE", "TOKENIZERS_PARALLELISM")
-                     if k in os.environ}})
+                 runtime_env={"env_vars": env})
     yield ray
     from ray import serve
 

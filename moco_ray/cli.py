@@ -1,0 +1,80 @@
+"""moco-ray command line: run | strategies | zoo."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from moco_ray.config import ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Model collaboration on Ray: pools, strategies, evolution.")
+console = Console()
+
+
+def _load(config: Path):
+    try:
+        return load_config(config)
+    except ConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run(config: Path = typer.Argument(..., help="run config YAML (pool, tasks, jobs)"),
+        output_dir: str = typer.Option(None, help="override output_dir of the config")) -> None:
+    """Run every strategy x task of CONFIG on one pool; write records (Parquet) and a summary."""
+    from moco_ray.sweep import JobsFailed, run_config
+
+    cfg = _load(config)
+    if output_dir:
+        cfg = cfg.model_copy(update={"output_dir": output_dir})
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as progress:
+        bars: dict[str, int] = {}
+
+        def on_progress(st, _new):
+            if st.job not in bars:
+                bars[st.job] = progress.add_task(st.job, total=st.total)
+            progress.update(bars[st.job], completed=st.done)
+
+        try:
+            result = run_config(cfg, on_progress=on_progress)
+        except JobsFailed as e:
+            console.print(f"[red]{e}[/red]")
+            raise typer.Exit(1) from None
+    table = Table(title=f"{cfg.run_name}: {len(result.records)} records -> {result.out_dir}")
+    for col in ("strategy", "task", "split", "n", "score", "prompt tok", "compl tok", "seconds"):
+        table.add_column(col, justify="left" if col in ("strategy", "task", "split") else "right")
+    for r in result.summary:
+        table.add_row(r.strategy, r.task, r.split, str(r.n), f"{r.score:.3f}",
+                      str(r.prompt_tokens), str(r.completion_tokens), f"{r.seconds:.1f}")
+    console.print(table)
+
+
+@app.command()
+def strategies() -> None:
+    """List every registered strategy with its level and one line."""
+    from moco_ray.strategies.base import list_strategies
+
+    table = Table("name", "level", "what")
+    for name, cls in list_strategies().items():
+        doc = (cls.summary or (cls.__doc__ or "").strip().splitlines()[0:1] or [""])
+        table.add_row(name, cls.level, doc if isinstance(doc, str) else doc[0])
+    console.print(table)
+
+
+@app.command()
+def zoo(name: str = typer.Argument(..., help="zoo recipe, e.g. tiny or smollm2-135m-instruct")
+        ) -> None:
+    """Build (or find cached) a zoo model and print its directory."""
+    from moco_ray import zoo as zoo_mod
+
+    console.print(zoo_mod.resolve_path(name if name.startswith("zoo:") else f"zoo:{name}"))
+
+
+if __name__ == "__main__":
+    app()

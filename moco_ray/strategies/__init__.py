@@ -1,0 +1,17 @@
+"""Collaboration strategies, one method per module, registered by name.
+
+`get_strategy(name)` finds a built-in strategy by its registered name (it imports the built-in
+modules itself) or any strategy by "package.module:Class".
+"""
+from moco_ray.strategies.base import (
+    Answer,
+    ExampleContext,
+    Strategy,
+    StrategyContext,
+    get_strategy,
+    list_strategies,
+    register,
+)
+
+__all__ = ["Answer", "ExampleContext", "Strategy", "StrategyContext", "get_strategy",
+           "list_strategies", "register"]

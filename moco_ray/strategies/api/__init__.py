@@ -1,0 +1,1 @@
+"""API-level strategies: choose which model answers (cascades, routers)."""

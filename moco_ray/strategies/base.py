@@ -1,0 +1,239 @@
+"""The Strategy interface, its registry, and the per-example context strategies run in.
+
+A strategy is one collaboration method. It sees the pool only through `ExampleContext`, which
+records every call as a `Turn` of the trace and counts its cost per model, so traces and cost
+accounting never depend on each strategy remembering to do it.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import random
+import time
+from typing import Any, ClassVar, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from moco_ray.records import Cost, Generation, Prompt, Record, SamplingParams, Score, Turn
+from moco_ray.tasks.base import DevSplit, Example, Task, TestSplit, require_dev
+
+Level = Literal["single", "api", "text", "logit", "weight"]
+
+
+class PoolClient(Protocol):
+    """What strategies may ask of the pool (implemented over Serve handles in pool/client.py)."""
+
+    models: list[str]
+
+    async def generate(self, model: str, prompts: list[Prompt], params: SamplingParams,
+                       lora: str | None = None) -> list[Generation]: ...
+
+    async def score(self, model: str, prompt: Prompt, continuations: list[str]) -> list[Score]: ...
+
+    async def fused_generate(self, group: str, prompts: list[Prompt], params: SamplingParams,
+                             mode: str, weights: list[float]) -> list[Generation]: ...
+
+    def render(self, model: str, prompt: Prompt) -> str: ...
+
+
+class StrategyContext:
+    """Job-wide state handed to `fit` and `solve`: pool, task, models, seeded RNG."""
+
+    def __init__(self, pool: PoolClient, task: Task, models: list[str], seed: int = 0,
+                 logit_group: str | None = None):
+        self.pool = pool
+        self.task = task
+        self.models = list(models)
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.logit_group = logit_group
+        # Cost of the whole job (fit and solve), per model; every ExampleContext adds to it.
+        self.cost: dict[str, Cost] = {}
+
+    def example(self, example: Example) -> "ExampleContext":
+        return ExampleContext(self, example)
+
+
+class ExampleContext:
+    """Per-example view of the pool: each call becomes a Turn and adds to the cost."""
+
+    def __init__(self, job: StrategyContext, example: Example):
+        self.job = job
+        self.example = example
+        self.task = job.task
+        self.models = job.models
+        self.rng = random.Random(f"{job.seed}:{example.id}")
+        self.trace: list[Turn] = []
+        self.cost: dict[str, Cost] = {}
+        self.versions: dict[str, int] = {}
+
+    def _add_cost(self, model: str, c: Cost) -> None:
+        self.cost[model] = self.cost.get(model, Cost()).add(c)
+        self.job.cost[model] = self.job.cost.get(model, Cost()).add(c)
+
+    def _account(self, model: str, gens: list[Generation], seconds: float) -> None:
+        c = Cost(calls=1, prompt_tokens=sum(g.prompt_tokens for g in gens),
+                 completion_tokens=sum(g.completion_tokens for g in gens),
+                 engine_seconds=sum(g.engine_seconds for g in gens) or seconds)
+        self._add_cost(model, c)
+        for g in gens:
+            self.versions[g.model or model] = g.version
+
+    async def generate(self, model: str, prompt: Prompt, params: SamplingParams,
+                       step: str = "generate", n: int = 1) -> list[Generation]:
+        """`n` samples of one prompt from one model; each becomes a Turn of the trace."""
+        t0 = time.perf_counter()
+        gens = await self.job.pool.generate(model, [prompt] * n, params)
+        self._account(model, gens, time.perf_counter() - t0)
+        text = _prompt_text(prompt)
+        for g in gens:
+            self.trace.append(Turn(model=model, step=step, prompt=text, output=g.text,
+                                   version=g.version,
+                                   meta={"mean_logprob": g.mean_logprob,
+                                         "finish_reason": g.finish_reason}))
+        return gens
+
+    async def score(self, model: str, prompt: Prompt, continuations: list[str],
+                    step: str = "score") -> list[Score]:
+        t0 = time.perf_counter()
+        scores = await self.job.pool.score(model, prompt, continuations)
+        n_tok = sum(s.num_tokens for s in scores)
+        self._add_cost(model, Cost(calls=1, prompt_tokens=n_tok,
+                                   engine_seconds=time.perf_counter() - t0))
+        self.trace.append(Turn(model=model, step=step, prompt=_prompt_text(prompt),
+                               output=repr([round(s.mean_logprob, 4) for s in scores]),
+                               meta={"continuations": continuations}))
+        return scores
+
+    async def fused_generate(self, prompt: Prompt, params: SamplingParams, mode: str,
+                             weights: list[float], step: str = "fused") -> Generation:
+        group = self.job.logit_group
+        if group is None:
+            raise ValueError("this strategy needs a logit group in the pool config "
+                             "(pool.logit_groups), none was given to the job")
+        t0 = time.perf_counter()
+        [gen] = await self.job.pool.fused_generate(group, [prompt], params, mode, weights)
+        self._account(group, [gen], time.perf_counter() - t0)
+        self.trace.append(Turn(model=group, step=step, prompt=_prompt_text(prompt),
+                               output=gen.text, meta={"mode": mode, "weights": weights}))
+        return gen
+
+
+def _prompt_text(prompt: Prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+class Answer(BaseModel):
+    """What `solve` returns for one example: the final text and anything worth keeping."""
+
+    output: str
+    meta: dict[str, Any] = {}
+
+
+class Strategy:
+    """One collaboration method. Subclasses set `name`, `level`, a `Params` model, and `solve`.
+
+    `fit` (optional) tunes on dev data only; `solve` answers one example through `ctx`.
+    """
+
+    name: ClassVar[str]
+    level: ClassVar[Level]
+    summary: ClassVar[str] = ""
+
+    class Params(BaseModel):
+        model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __init__(self, params: BaseModel | dict | None = None):
+        if isinstance(params, self.Params):
+            self.params = params
+        else:
+            self.params = self.Params(**(params or {}))
+        self.fitted: dict[str, Any] = {}
+
+    async def fit(self, ctx: StrategyContext, dev: DevSplit) -> None:
+        """Tune on dev. The default has nothing to tune."""
+
+    async def solve(self, ctx: ExampleContext, example: Example) -> Answer:
+        raise NotImplementedError
+
+    async def fit_checked(self, ctx: StrategyContext, dev: DevSplit) -> None:
+        await self.fit(ctx, require_dev(dev, f"{self.name}.fit"))
+
+    async def run_example(self, ctx: StrategyContext, example: Example,
+                          split: Literal["dev", "test"]) -> Record:
+        ectx = ctx.example(example)
+        ans = await self.solve(ectx, example)
+        prompt = ctx.task.prompt(example)
+        chat = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        # Metrics may execute code in the sandbox: keep the event loop free for other examples.
+        score = await asyncio.to_thread(ctx.task.score, ans.output, example)
+        return Record(strategy=self.name, task=ctx.task.name, split=split, example_id=example.id,
+                      prompt=_prompt_text(prompt), chat=chat, output=ans.output,
+                      reference=str(example.reference), score=score, trace=ectx.trace,
+                      model_versions=ectx.versions, cost=ectx.cost, meta=ans.meta)
+
+    async def run(self, ctx: StrategyContext, split: DevSplit | TestSplit,
+                  concurrency: int = 16):
+        """Yield records as examples finish (at most `concurrency` in flight)."""
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(ex: Example) -> Record:
+            async with sem:
+                return await self.run_example(ctx, ex, split.split)
+
+        for fut in asyncio.as_completed([one(ex) for ex in split.examples]):
+            yield await fut
+
+
+# --- registry -------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+# Modules that define the built-in strategies; imported on first lookup so that a Ray actor
+# finds every strategy without depending on imports the driver happened to run.
+_BUILTIN_MODULES = (
+    "moco_ray.strategies.single",
+    "moco_ray.strategies.text.majority_vote",
+    "moco_ray.strategies.text.multiagent_refine",
+    "moco_ray.strategies.api.cascade",
+    "moco_ray.strategies.logit.logit_fusion",
+)
+
+
+def register(name: str):
+    """Class decorator: register a strategy under `name`; a duplicate name is an error."""
+
+    def deco(cls: type[Strategy]) -> type[Strategy]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"strategy {name!r} is already registered by {_REGISTRY[name]}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtins() -> None:
+    for mod in _BUILTIN_MODULES:
+        importlib.import_module(mod)
+
+
+def get_strategy(name: str) -> type[Strategy]:
+    """Look a strategy up by registered name or by 'package.module:Class'."""
+    if ":" in name:
+        mod, _, attr = name.partition(":")
+        cls = getattr(importlib.import_module(mod), attr)
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise TypeError(f"{name!r} is not a Strategy subclass")
+        return cls
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown strategy {name!r}; valid: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list_strategies() -> dict[str, type[Strategy]]:
+    _load_builtins()
+    return dict(sorted(_REGISTRY.items()))

@@ -1,0 +1,1 @@
+"""Logit-level strategies: models decode together from combined next-token distributions."""

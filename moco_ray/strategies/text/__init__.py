@@ -1,0 +1,1 @@
+"""Text-level strategies: models exchange generated text (votes, debate, refinement)."""

@@ -1,0 +1,1 @@
+"""Weight-level strategies: merge or train model weights (soups, merges, distillation)."""

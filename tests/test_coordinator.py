@@ -1,0 +1,141 @@
+"""Coordinator logic over a scripted pool: concurrency, streaming, cost, dev/test separation."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from moco_ray.coordinator import Coordinator, JobRequest, run_job
+from moco_ray.records import Generation, SamplingParams, Score
+from moco_ray.strategies.base import Answer, Strategy, register
+from moco_ray.tasks.base import DevSplit, Example, Task, TestSplit
+
+
+class ScriptedPool:
+    """Answers every prompt with the model's name; counts tokens; records peak concurrency."""
+
+    def __init__(self, models, delay=0.01):
+        self.models = list(models)
+        self.delay = delay
+        self.inflight = 0
+        self.peak = 0
+
+    async def generate(self, model, prompts, params, lora=None):
+        self.inflight += 1
+        self.peak = max(self.peak, self.inflight)
+        await asyncio.sleep(self.delay)
+        self.inflight -= 1
+        return [Generation(text=model, token_ids=[1, 2], prompt_tokens=5, completion_tokens=2,
+                           model=model, version=3, engine_seconds=0.001) for _ in prompts]
+
+    async def score(self, model, prompt, continuations):
+        return [Score(sum_logprob=-1.0, mean_logprob=-1.0, num_tokens=1) for _ in continuations]
+
+    async def fused_generate(self, group, prompts, params, mode, weights):
+        raise NotImplementedError
+
+    def render(self, model, prompt):
+        return str(prompt)
+
+
+def _task(n_dev=3, n_test=5) -> Task:
+    ex = lambda i: Example(id=str(i), question=f"q{i}", reference="m1")  # noqa: E731
+    return Task(name="toy", kind="exact_match",
+                dev=DevSplit(task="toy", examples=tuple(ex(i) for i in range(n_dev))),
+                test=TestSplit(task="toy", examples=tuple(ex(100 + i) for i in range(n_test))),
+                format=lambda e: e.question, extract=lambda out, e: out.strip(),
+                metric=lambda ans, e: float(ans == e.reference))
+
+
+@register("test_ask_all")
+class AskAll(Strategy):
+    """Test strategy: asks every model, answers with the last; fit asks model 0 on dev."""
+
+    level = "text"
+    seen_in_fit: list[str] = []
+
+    async def fit(self, ctx, dev):
+        for ex in dev:
+            AskAll.seen_in_fit.append(ex.id)
+            await ctx.example(ex).generate(ctx.models[0], ex.question, SamplingParams())
+
+    async def solve(self, ctx, example):
+        outs = [(await ctx.generate(m, example.question, SamplingParams()))[0].text
+                for m in ctx.models]
+        return Answer(output=outs[-1])
+
+
+def test_run_job_records_trace_cost_and_fit_on_dev_only():
+    pool = ScriptedPool(["m0", "m1"])
+    AskAll.seen_in_fit.clear()
+    req = JobRequest(job="j", strategy="test_ask_all", task=_task(), models=["m0", "m1"])
+    recs = asyncio.run(run_job(req, pool))
+    assert sorted(r.example_id for r in recs) == [str(100 + i) for i in range(5)]
+    assert AskAll.seen_in_fit == ["0", "1", "2"]  # fit saw dev ids only
+    r = recs[0]
+    assert r.output == "m1" and r.score == 1.0 and r.split == "test"
+    assert [t.model for t in r.trace] == ["m0", "m1"]
+    assert r.model_versions == {"m0": 3, "m1": 3}
+    assert r.cost["m0"].prompt_tokens == 5 and r.cost["m1"].completion_tokens == 2
+
+
+def test_fit_refuses_test_split():
+    strat = AskAll()
+    from moco_ray.strategies.base import StrategyContext
+
+    ctx = StrategyContext(ScriptedPool(["m0"]), _task(), ["m0"])
+    with pytest.raises(TypeError, match="dev data only"):
+        asyncio.run(strat.fit_checked(ctx, _task().test))
+
+
+def test_concurrency_limit_respected():
+    pool = ScriptedPool(["m0"], delay=0.02)
+    req = JobRequest(job="j", strategy="test_ask_all", task=_task(n_test=20), models=["m0"],
+                     concurrency=4)
+    asyncio.run(run_job(req, pool))
+    assert pool.peak == 4
+
+
+def test_coordinator_actor_runs_jobs_concurrently_and_counts_cost(ray_session):
+    import ray
+
+    pool = ScriptedPool(["m0", "m1"], delay=0.05)
+    coord = Coordinator.remote(pool)
+    reqs = [JobRequest(job=f"j{i}", strategy="test_ask_all", task=_task(n_test=8),
+                       models=["m0", "m1"], concurrency=8) for i in range(3)]
+    ray.get([coord.submit.remote(r) for r in reqs])
+    with pytest.raises(ray.exceptions.RayTaskError, match="already in use"):
+        ray.get(coord.submit.remote(reqs[0]))
+    got = {r.job: [] for r in reqs}
+    states = {}
+    while len(states) < 3:
+        for r in reqs:
+            recs, st = ray.get(coord.poll.remote(r.job, 0.2))
+            got[r.job] += recs
+            if st.state != "running":
+                states[r.job] = st
+    for r in reqs:
+        st = states[r.job]
+        assert st.state == "done", st.error
+        assert len(got[r.job]) == 8 and st.done == 8
+        # 3 dev calls to m0 in fit + 8 test examples x 1 call per model.
+        assert st.cost["m0"].calls == 11 and st.cost["m1"].calls == 8
+        assert st.cost["m0"].prompt_tokens == 55
+    # 3 jobs x 8 examples, each job ~ 2 sequential calls x 50 ms, run side by side.
+    assert max(s.seconds for s in states.values()) < 3.0
+    ray.kill(coord)
+
+
+def test_failed_job_reports_error(ray_session):
+    import ray
+
+    coord = Coordinator.remote(ScriptedPool(["m0"]))
+    req = JobRequest(job="bad", strategy="test_ask_all", task=_task(), models=["m0"],
+                     params={"nope": 1})
+    ray.get(coord.submit.remote(req))
+    while True:
+        _, st = ray.get(coord.poll.remote("bad", 0.2))
+        if st.state != "running":
+            break
+    assert st.state == "failed" and "nope" in st.error
+    ray.kill(coord)
