@@ -1,0 +1,350 @@
+"""HFEngine: the Engine protocol over transformers, with micro-batching of concurrent calls.
+
+Concurrent `generate` calls that arrive within `batch_window_ms` of each other share one batched
+forward pass (left padding + attention mask, our own KV-cached decode loop so every row keeps its
+own sampling params). Model work runs in a worker thread, so the event loop stays free.
+
+The prompt/checkpoint helpers at the top are shared with VLLMEngine: both engines tokenize with
+the same transformers tokenizer, so they see the same token ids for the same prompt.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moco_ray.engines.base import EngineSpec
+from moco_ray.records import Generation, Prompt, SamplingParams, Score, TokenLogprobs
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by both engines
+# ---------------------------------------------------------------------------------------------
+def render_prompt(tokenizer, prompt: Prompt) -> str:
+    """Raw text unchanged; chat messages through the tokenizer's chat template."""
+    if isinstance(prompt, str):
+        return prompt
+    if not isinstance(prompt, list) or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+        raise ValueError(f"a prompt must be a string or a list of {{'role', 'content'}} dicts; "
+                         f"got {prompt!r:.200}")
+    if not tokenizer.chat_template:
+        raise ValueError(f"tokenizer of {tokenizer.name_or_path!r} has no chat template; "
+                         "send raw text prompts to this model")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt. Raw text gets the tokenizer's special tokens (e.g. BOS); a rendered
+    chat template already contains them, so it is encoded without."""
+    text = render_prompt(tokenizer, prompt)
+    ids = tokenizer(text, add_special_tokens=isinstance(prompt, str)).input_ids
+    if not ids:
+        raise ValueError("prompt is empty after tokenization; send at least one token")
+    return ids
+
+
+def encode_continuation(tokenizer, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"continuation {text!r} has no tokens; score non-empty strings")
+    return ids
+
+
+def eos_token_ids(tokenizer, model_dir: str) -> set[int]:
+    """Tokenizer EOS plus generation_config EOS ids (vLLM stops on both too)."""
+    from transformers import GenerationConfig
+
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # no generation_config.json: the tokenizer's EOS is all there is
+        return ids
+    extra = gen.eos_token_id
+    ids |= set(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    return ids
+
+
+def local_model_dir(model: str) -> Path:
+    """The directory holding a model's files (a local dir, or a hub name already in the cache)."""
+    if Path(model).is_dir():
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, local_files_only=True))
+
+
+def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from the safetensors headers of a checkpoint dir (reads no data)."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"checkpoint {str(path)!r} has no *.safetensors files; "
+                         "save it with save_pretrained (safetensors)")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    shapes[k] = tuple(sf.get_slice(k).get_shape())
+        except SafetensorError as e:
+            raise ValueError(f"checkpoint file {str(f)!r} is not valid safetensors: {e}") from None
+    return shapes
+
+
+def validate_checkpoint(reference: dict[str, tuple[int, ...]], path: str | Path) -> None:
+    """Raise ValueError naming every tensor of `path` that is missing, unexpected, or of the
+    wrong shape against `reference` (the checkpoint the engine started from)."""
+    got = checkpoint_shapes(path)
+    # A tied lm_head may or may not be saved; its absence or presence alone is no mismatch.
+    optional = {"lm_head.weight"} if "model.embed_tokens.weight" in reference else set()
+    problems = [f"missing tensor {k!r}" for k in sorted(set(reference) - set(got) - optional)]
+    problems += [f"unexpected tensor {k!r}" for k in sorted(set(got) - set(reference) - optional)]
+    problems += [f"tensor {k!r} has shape {list(got[k])}, the model expects {list(reference[k])}"
+                 for k in sorted(set(got) & set(reference)) if got[k] != reference[k]]
+    if problems:
+        raise ValueError(f"checkpoint {str(path)!r} does not fit this model ({len(problems)} "
+                         f"problem(s)); old weights kept: " + "; ".join(problems[:10]))
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str | None:
+    """Text before the earliest stop string, or None when no stop string occurs."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[:min(hits)] if hits else None
+
+
+# ---------------------------------------------------------------------------------------------
+# HFEngine
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Request:
+    ids: list[list[int]]
+    params: SamplingParams
+    future: asyncio.Future
+    start: float = field(default_factory=time.perf_counter)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HFEngine:
+    """Engine over a transformers causal LM. engine_kwargs: `max_batch_size` (rows per forward,
+    default 32) and `batch_window_ms` (how long the first request waits for company, default 5)."""
+
+    def __init__(self, spec: EngineSpec):
+        opts = dict(spec.engine_kwargs)
+        self.max_batch_size = int(opts.pop("max_batch_size", 32))
+        self.batch_window_s = float(opts.pop("batch_window_ms", 5.0)) / 1000
+        if opts:
+            raise ValueError(f"unknown engine_kwargs for the hf engine: {sorted(opts)}; "
+                             "valid: max_batch_size, batch_window_ms")
+        if spec.dtype != "auto" and spec.dtype not in _DTYPES:
+            raise ValueError(f"dtype {spec.dtype!r} is not one of 'auto', {sorted(_DTYPES)}")
+        self.spec = spec
+        self.version = 0
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.model)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            spec.model, dtype=_DTYPES.get(spec.dtype, "auto")).to(self.device).eval()
+        self._reference = checkpoint_shapes(local_model_dir(spec.model))
+        self._eos = eos_token_ids(self.tokenizer, str(local_model_dir(spec.model)))
+        self._pad = self.tokenizer.pad_token_id
+        if self._pad is None:
+            self._pad = next(iter(self._eos), 0)
+        self._lock = threading.Lock()  # one forward pass or weight load at a time
+        self._rng = torch.Generator().manual_seed(spec.seed)  # for requests without a seed
+        self._queue: asyncio.Queue | None = None
+        self._worker: asyncio.Task | None = None
+        self.stats = {"batches": 0, "requests": 0, "rows": 0}  # micro-batching at work
+
+    # -- protocol -------------------------------------------------------------------------------
+    def render(self, prompt: Prompt) -> str:
+        return render_prompt(self.tokenizer, prompt)
+
+    async def generate(self, prompts: list[Prompt], params: SamplingParams,
+                       lora: str | None = None) -> list[Generation]:
+        if lora is not None:
+            raise ValueError(f"the hf engine serves no LoRA adapters (asked for {lora!r}); "
+                             "use engine 'vllm' with enable_lora")
+        ids = [encode_prompt(self.tokenizer, p) for p in prompts]
+        for i in ids:
+            if len(i) >= self.spec.max_model_len:
+                raise ValueError(f"prompt of {len(i)} tokens does not fit max_model_len="
+                                 f"{self.spec.max_model_len}; shorten it or raise max_model_len")
+        if not ids:
+            return []
+        self._ensure_worker()
+        fut = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Request(ids, params, fut))
+        return await fut
+
+    async def score(self, prompt: Prompt, continuations: list[str]) -> list[Score]:
+        p_ids = encode_prompt(self.tokenizer, prompt)
+        seqs = [p_ids + encode_continuation(self.tokenizer, c) for c in continuations]
+        return await asyncio.to_thread(self._score, len(p_ids), seqs)
+
+    async def load_weights(self, path: str) -> int:
+        validate_checkpoint(self._reference, path)
+        return await asyncio.to_thread(self._load, path)
+
+    async def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            self._worker = None
+
+    # -- micro-batching ---------------------------------------------------------------------------
+    def _ensure_worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        # A new event loop (e.g. a fresh asyncio.run) needs its own queue and worker.
+        if self._worker is None or self._worker.get_loop() is not loop or self._worker.done():
+            self._queue = asyncio.Queue()
+            self._worker = loop.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            # Wait a moment for company, then take what came (sleep + get_nowait: wait_for on
+            # Queue.get can drop an item on timeout in Python 3.11).
+            await asyncio.sleep(self.batch_window_s)
+            while not self._queue.empty() and (
+                    sum(len(r.ids) for r in batch) < self.max_batch_size):
+                batch.append(self._queue.get_nowait())
+            rows = [(i, r.params) for r in batch for i in r.ids]
+            self.stats["batches"] += 1
+            self.stats["requests"] += len(batch)
+            self.stats["rows"] += len(rows)
+            try:
+                gens = await asyncio.to_thread(self._generate_rows, rows)
+            except Exception as e:  # noqa: BLE001 - handed to every caller of this batch
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+                continue
+            now = time.perf_counter()
+            for r in batch:
+                mine, gens = gens[:len(r.ids)], gens[len(r.ids):]
+                for g in mine:
+                    g.engine_seconds = now - r.start
+                if not r.future.done():  # the caller may have been cancelled
+                    r.future.set_result(mine)
+
+    # -- model work (worker thread) ---------------------------------------------------------------
+    def _generate_rows(self, rows: list[tuple[list[int], SamplingParams]]) -> list[Generation]:
+        out: list[Generation] = []
+        for s in range(0, len(rows), self.max_batch_size):
+            out += self._decode(rows[s:s + self.max_batch_size])
+        return out
+
+    @torch.inference_mode()
+    def _decode(self, rows: list[tuple[list[int], SamplingParams]]) -> list[Generation]:
+        from transformers import DynamicCache
+
+        with self._lock:
+            version = self.version
+            n, width = len(rows), max(len(ids) for ids, _ in rows)
+            ids = torch.full((n, width), self._pad, dtype=torch.long)
+            mask = torch.zeros((n, width), dtype=torch.long)
+            for b, (p, _) in enumerate(rows):  # left padding: every row ends at the same column
+                ids[b, width - len(p):] = torch.tensor(p)
+                mask[b, width - len(p):] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else self._rng
+                    for _, p in rows]
+            limits = [min(p.max_tokens, self.spec.max_model_len - len(i)) for i, p in rows]
+            new: list[list[int]] = [[] for _ in rows]
+            lps: list[list[TokenLogprobs]] = [[] for _ in rows]
+            finish: list[str | None] = [None] * n
+            texts: list[str | None] = [None] * n
+            cache = DynamicCache(config=self.model.config)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            for _ in range(max(limits)):
+                # Logprobs of the raw logits (vLLM's default 'raw_logprobs' mode).
+                logprobs = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
+                chosen = logprobs.argmax(-1).tolist()
+                for b, (_, p) in enumerate(rows):
+                    if finish[b] is not None:
+                        continue
+                    if p.temperature > 0:
+                        chosen[b] = _sample(logprobs[b], p, gens[b])
+                    tok = chosen[b]
+                    new[b].append(tok)
+                    if p.logprobs is not None:
+                        top = torch.topk(logprobs[b], p.logprobs) if p.logprobs else None
+                        lps[b].append(TokenLogprobs(
+                            token_id=tok, logprob=logprobs[b, tok].item(),
+                            top=dict(zip(top.indices.tolist(), top.values.tolist())) if top else {}))
+                    if tok in self._eos:
+                        finish[b] = "stop"
+                    elif p.stop and (cut := cut_at_stop(self._text(new[b]), p.stop)) is not None:
+                        finish[b], texts[b] = "stop", cut
+                    elif len(new[b]) >= limits[b]:
+                        finish[b] = "length"
+                if all(f is not None for f in finish):
+                    break
+                step = torch.tensor(chosen, device=self.device).unsqueeze(-1)
+                mask = torch.cat([mask, torch.ones_like(step)], dim=-1)
+                pos = pos[:, -1:] + 1
+                logits = self.model(input_ids=step, attention_mask=mask, position_ids=pos,
+                                    past_key_values=cache, use_cache=True).logits
+        return [Generation(
+            text=texts[b] if texts[b] is not None else self._text(new[b]), token_ids=new[b],
+            finish_reason=finish[b], prompt_tokens=len(rows[b][0]),
+            completion_tokens=len(new[b]), logprobs=lps[b] if rows[b][1].logprobs is not None
+            else None, model=self.spec.model, version=version) for b in range(n)]
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @torch.inference_mode()
+    def _score(self, prompt_len: int, seqs: list[list[int]]) -> list[Score]:
+        with self._lock:
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), self._pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for b, s in enumerate(seqs):  # right padding: positions line up with the prompt
+                ids[b, :len(s)] = torch.tensor(s)
+                mask[b, :len(s)] = 1
+            logits = self.model(input_ids=ids.to(self.device),
+                                attention_mask=mask.to(self.device)).logits
+            out = []
+            for b, s in enumerate(seqs):
+                # Row t of the logits predicts token t+1.
+                lp = torch.log_softmax(logits[b, prompt_len - 1:len(s) - 1].float(), dim=-1)
+                target = torch.tensor(s[prompt_len:], device=lp.device)
+                tok = lp.gather(-1, target[:, None]).squeeze(-1)
+                out.append(Score(sum_logprob=tok.sum().item(), mean_logprob=tok.mean().item(),
+                                 num_tokens=len(target)))
+        return out
+
+    def _load(self, path: str) -> int:
+        from safetensors.torch import load_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        for f in sorted(Path(path).glob("*.safetensors")):  # read everything before touching
+            tensors.update(load_file(str(f)))
+        state = self.model.state_dict()
+        with self._lock, torch.no_grad():
+            for name, t in tensors.items():
+                state[name].copy_(t)  # in place: tied weights and KV-free state stay shared
+            self.version += 1
+            return self.version
+
+
+def _sample(logprobs: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+    """Temperature + nucleus (top_p) sampling of one row."""
+    probs = torch.softmax(logprobs / p.temperature, dim=-1).cpu()
+    if p.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = sorted_p.cumsum(-1) - sorted_p >= p.top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=gen).item())

@@ -1,0 +1,86 @@
+"""`ServeClient`: the PoolClient strategies use, over Serve DeploymentHandles.
+
+It holds only application names, so it pickles into the coordinator actor; handles are looked up
+lazily in whichever process uses it (a handle made in the driver is tied to the driver's router).
+"""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+from ray import serve
+
+from moco_ray.records import Generation, Prompt, SamplingParams, Score
+
+# Rendered prompts kept per model: a run revisits the same few thousand prompts at most.
+RENDER_CACHE_SIZE = 4096
+
+
+class ServeClient:
+    """PoolClient over Serve: `models` are the pool's model names, `groups` its logit groups."""
+
+    def __init__(self, apps: dict[str, str], groups: dict[str, str] | None = None):
+        self.apps = dict(apps)  # model name -> Serve application name
+        self.groups = dict(groups or {})  # logit group name -> Serve application name
+        self.models = list(self.apps)
+        self._handles: dict[str, serve.handle.DeploymentHandle] = {}
+        # model -> prompt key -> rendered text, least recently used first
+        self._rendered: dict[str, OrderedDict[str, str]] = {}
+
+    def __getstate__(self) -> dict:
+        # Handles and caches stay behind: the receiving process makes its own.
+        return {"apps": self.apps, "groups": self.groups}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["apps"], state["groups"])
+
+    def _handle(self, name: str, table: dict[str, str], what: str):
+        if name not in table:
+            raise KeyError(f"unknown {what} {name!r}; the pool has: {sorted(table)}")
+        h = self._handles.get(table[name])
+        if h is None:
+            h = self._handles[table[name]] = serve.get_app_handle(table[name])
+        return h
+
+    def model_handle(self, model: str):
+        return self._handle(model, self.apps, "model")
+
+    def group_handle(self, group: str):
+        return self._handle(group, self.groups, "logit group")
+
+    async def generate(self, model: str, prompts: list[Prompt], params: SamplingParams,
+                       lora: str | None = None) -> list[Generation]:
+        return await self.model_handle(model).generate.remote(prompts, params, lora)
+
+    async def score(self, model: str, prompt: Prompt, continuations: list[str]) -> list[Score]:
+        return await self.model_handle(model).score.remote(prompt, continuations)
+
+    async def fused_generate(self, group: str, prompts: list[Prompt], params: SamplingParams,
+                             mode: str, weights: list[float]) -> list[Generation]:
+        return await self.group_handle(group).fused_generate.remote(prompts, params, mode,
+                                                                    weights)
+
+    async def info(self, model: str) -> dict:
+        return await self.model_handle(model).info.remote()
+
+    async def load_weights(self, model: str, path: str) -> int:
+        return await self.model_handle(model).load_weights.remote(path)
+
+    def render(self, model: str, prompt: Prompt) -> str:
+        """The exact text `model` sees for `prompt` (chat template applied), cached per model.
+
+        Synchronous by the PoolClient protocol, and strategies call it from the coordinator's
+        event loop, so a cache miss waits on the replica without Serve's in-loop guard; the
+        router runs on its own loop thread, so this cannot deadlock. Renders are cheap and
+        prompts repeat (the same question goes to every model), hence the cache.
+        """
+        key = "s:" + prompt if isinstance(prompt, str) else "m:" + json.dumps(prompt)
+        cache = self._rendered.setdefault(model, OrderedDict())
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        text = self.model_handle(model).render.remote(prompt).result(_skip_asyncio_check=True)
+        cache[key] = text
+        if len(cache) > RENDER_CACHE_SIZE:
+            cache.popitem(last=False)
+        return text

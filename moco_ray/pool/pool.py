@@ -1,0 +1,207 @@
+"""`ModelPool`: starts the Serve applications of a PoolConfig and hands out handles and clients.
+
+Each model is its own Serve application (`<pool>-<model>`, HTTP under `/<model>`), so a model
+deploys, fails, scales and swaps weights without touching the others; each logit group is one more
+application (handles only, no HTTP). The whole config is checked before anything deploys.
+"""
+from __future__ import annotations
+
+import time
+from typing import Self
+
+import ray
+from ray import serve
+from ray.serve.api import RunTarget
+from ray.serve.schema import ApplicationStatus
+
+from moco_ray.config import ConfigError, PoolConfig
+from moco_ray.pool.client import ServeClient
+from moco_ray.pool.logit_group import LogitGroupServer
+from moco_ray.pool.server import ModelServer
+
+
+def _serve_client():
+    """Serve's controller client, or None when Serve is not running in this Ray cluster.
+
+    Private Serve API: the public one cannot tell "running with no apps" from "not started",
+    and the HTTP port of an already running Serve is only known to its controller.
+    """
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client(raise_if_no_controller_running=False)
+
+
+class ModelPool:
+    """The pool's Serve applications. Use as `with ModelPool(cfg) as pool: ...` or start/shutdown.
+
+    `seed` reaches every engine (vLLM's and transformers' sampling seeds).
+    """
+
+    def __init__(self, config: PoolConfig, seed: int = 0):
+        self.config = config
+        self.seed = seed
+        self.paths: dict[str, str] = {}  # model name -> resolved local path
+        self.http_port: int | None = None
+        self._apps: dict[str, str] = {}  # model or group name -> Serve application name
+        self._started_serve = False
+
+    # --- names ----------------------------------------------------------------------------
+
+    @property
+    def models(self) -> list[str]:
+        return [m.name for m in self.config.models]
+
+    @property
+    def groups(self) -> list[str]:
+        return [g.name for g in self.config.logit_groups]
+
+    def app_name(self, name: str) -> str:
+        return f"{self.config.name}-{name}"
+
+    def url(self, model: str) -> str:
+        """Base URL of `model`'s OpenAI-compatible API (for `openai.OpenAI(base_url=...)`)."""
+        if model not in self.models or self.http_port is None:
+            raise KeyError(f"no running model {model!r}; models: {self.models} "
+                           f"(started: {self.http_port is not None})")
+        return f"http://127.0.0.1:{self.http_port}/{model}/v1"
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def validate(self, check_resources: bool = True) -> None:
+        """Raise one ConfigError listing every problem of the config; deploys nothing."""
+        from moco_ray import zoo
+
+        problems: list[str] = []
+        for i, m in enumerate(self.config.models):
+            err = zoo.check_path(m.path)
+            if err:
+                problems.append(f"pool.models.{i}.path: {err}")
+        groups = self.groups
+        for i, g in enumerate(self.config.logit_groups):
+            if g.name in self.models:
+                problems.append(f"pool.logit_groups.{i}.name: {g.name!r} is also a model name; "
+                                "give the group its own name")
+            if groups.count(g.name) > 1:
+                problems.append(f"pool.logit_groups.{i}.name: duplicate group {g.name!r}")
+        if check_resources and ray.is_initialized():
+            problems += self._resource_problems()
+        if problems:
+            raise ConfigError(problems, "pool config")
+
+    def _resource_problems(self) -> list[str]:
+        # Serve would wait forever for replicas that cannot be placed; say so up front.
+        have = ray.cluster_resources()
+        cpus = sum(m.num_cpus * m.replicas for m in self.config.models)
+        cpus += sum(g.num_cpus for g in self.config.logit_groups)
+        gpus = sum(m.num_gpus * m.replicas for m in self.config.models)
+        gpus += sum(g.num_gpus for g in self.config.logit_groups)
+        out = []
+        for res, need in (("CPU", cpus), ("GPU", gpus)):
+            if need > have.get(res, 0.0) + 1e-9:
+                out.append(f"pool needs {need:g} {res} (num_{res.lower()}s x replicas, groups "
+                           f"included) but the Ray cluster has {have.get(res, 0.0):g}; lower "
+                           f"num_{res.lower()}s or replicas, or add nodes (on an autoscaling "
+                           "cluster pass start(check_resources=False))")
+        return out
+
+    def start(self, timeout_s: float = 900.0, check_resources: bool = True) -> Self:
+        """Validate, resolve paths, deploy every model and group, wait until all are RUNNING."""
+        from moco_ray import zoo
+
+        if self._apps:
+            raise RuntimeError(f"pool {self.config.name!r} is already started")
+        self.validate(check_resources)
+        self.paths = {m.name: zoo.resolve_path(m.path) for m in self.config.models}
+        client = _serve_client()
+        if client is None:
+            serve.start(http_options={"host": "127.0.0.1", "port": self.config.http_port})
+            self._started_serve = True
+            client = _serve_client()
+        self.http_port = client.http_config.port
+
+        targets = []
+        for m in self.config.models:
+            dep = ModelServer.options(
+                num_replicas=m.replicas, max_ongoing_requests=m.max_ongoing_requests,
+                ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus})
+            app = dep.bind(m.name, m.engine_spec(self.paths[m.name], seed=self.seed))
+            targets.append(RunTarget(app, name=self.app_name(m.name), route_prefix=f"/{m.name}"))
+        for g in self.config.logit_groups:
+            dep = LogitGroupServer.options(
+                ray_actor_options={"num_cpus": g.num_cpus, "num_gpus": g.num_gpus})
+            app = dep.bind(g.name, {n: self.paths[n] for n in g.models}, dtype=g.dtype,
+                           seed=self.seed)
+            targets.append(RunTarget(app, name=self.app_name(g.name), route_prefix=None))
+        self._apps = {n: self.app_name(n) for n in self.models + self.groups}
+        try:
+            # Deploy all at once (engines load in parallel), then wait for the slowest.
+            serve.run_many(targets, wait_for_applications_running=False)
+            self._wait_running(timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def _wait_running(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            apps = serve.status().applications
+            states = {a: apps.get(a) for a in self._apps.values()}
+            failed = {a: s.message for a, s in states.items()
+                      if s is not None and s.status == ApplicationStatus.DEPLOY_FAILED}
+            if failed:
+                raise RuntimeError("pool failed to start: " + "; ".join(
+                    f"{a}: {msg}" for a, msg in failed.items()))
+            if all(s is not None and s.status == ApplicationStatus.RUNNING
+                   for s in states.values()):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pool not RUNNING after {timeout_s:g}s: " + "; ".join(
+                    f"{a}: {s.status.value if s else 'missing'} {s.message if s else ''}"
+                    for a, s in states.items()))
+            time.sleep(0.5)
+
+    def shutdown(self, timeout_s: float = 120.0) -> None:
+        """Delete this pool's applications (and Serve itself if this pool started it)."""
+        apps = list(self._apps.values())
+        self._apps = {}
+        for app in apps:
+            serve.delete(app, _blocking=False)
+        deadline = time.monotonic() + timeout_s
+        while apps and time.monotonic() < deadline:
+            live = serve.status().applications
+            apps = [a for a in apps if a in live]
+            if apps:
+                time.sleep(0.5)
+        if apps:
+            raise TimeoutError(f"applications still deleting after {timeout_s:g}s: {apps}")
+        if self._started_serve:
+            serve.shutdown()
+            self._started_serve = False
+        self.http_port = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # --- access ---------------------------------------------------------------------------
+
+    def handle(self, name: str):
+        """DeploymentHandle of a model's or logit group's server."""
+        if name not in self._apps:
+            raise KeyError(f"no running model or logit group {name!r}; models: {self.models}, "
+                           f"groups: {self.groups}" + ("" if self._apps else " (pool not started)"))
+        return serve.get_app_handle(self._apps[name])
+
+    def health(self) -> dict[str, str]:
+        """Serve's status of each model and group: RUNNING, DEPLOYING, UNHEALTHY, ..."""
+        apps = serve.status().applications
+        return {n: (apps[a].status.value if a in apps else ApplicationStatus.NOT_STARTED.value)
+                for n, a in ((n, self.app_name(n)) for n in self.models + self.groups)}
+
+    def client(self) -> ServeClient:
+        """A picklable PoolClient for strategies and the coordinator actor."""
+        return ServeClient({m: self.app_name(m) for m in self.models},
+                           {g: self.app_name(g) for g in self.groups})

@@ -1,0 +1,103 @@
+"""`ModelServer`: one Serve deployment wrapping one Engine (vLLM or transformers).
+
+Handles call `generate`, `score`, `render`, `info` and `load_weights`; HTTP clients reach the same
+`generate` through the OpenAI routes of `openai_api.OpenAIRoutes` under `/<model>/v1/...`.
+Every Generation leaving the server carries the model's name and the weight version that made it.
+Resources, replicas and max_ongoing_requests are set per model by `ModelPool` with `.options()`.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol, runtime_checkable
+
+from ray import serve
+
+from moco_ray.engines.base import Engine, EngineSpec, build_engine
+from moco_ray.pool.openai_api import OpenAIRoutes, openai_app
+from moco_ray.records import Generation, Prompt, SamplingParams, Score
+
+
+@runtime_checkable
+class HealthProbe(Protocol):
+    """Optional engine hook: raise when the engine can no longer serve (e.g. vLLM's dead engine
+    core). Engines without it are judged by their replica process alone."""
+
+    async def check_health(self) -> None: ...
+
+
+@serve.deployment(
+    # Engines load in the constructor; a replica is RUNNING only once its engine answers.
+    health_check_period_s=10,
+    health_check_timeout_s=60,
+    graceful_shutdown_timeout_s=30,
+)
+@serve.ingress(openai_app)
+class ModelServer(OpenAIRoutes):
+    """Serves one pool model. `name` is the pool's name for it; `spec` builds its engine."""
+
+    async def __init__(self, name: str, spec: EngineSpec):
+        self.name = name
+        self.spec = spec
+        self.model_path = spec.model
+        self.engine: Engine = build_engine(spec)
+        self._tokenizer = None  # loaded on the first HTTP request that asks for logprobs
+        self._swap_lock = asyncio.Lock()
+        # Start the engine now (one tiny request), so that the replica turns healthy only with a
+        # working engine, and the first real request does not pay for lazy initialisation.
+        await self.engine.generate(["hi"], SamplingParams(max_tokens=1))
+
+    # --- handle methods -------------------------------------------------------------------
+
+    async def generate(self, prompts: list[Prompt], params: SamplingParams,
+                       lora: str | None = None) -> list[Generation]:
+        """One Generation per prompt, stamped with this model's name and weight version."""
+        if not prompts:
+            return []
+        t0 = time.perf_counter()
+        gens = await self.engine.generate(list(prompts), params, lora)
+        # The engine stamps the version its weights had when it decoded; the name is the pool's.
+        # Engine time of a batched call is shared among its prompts (cost accounting), unless
+        # the engine measured each one.
+        share = (time.perf_counter() - t0) / len(gens)
+        return [g.model_copy(update={"model": self.name,
+                                     "engine_seconds": g.engine_seconds or share})
+                for g in gens]
+
+    async def score(self, prompt: Prompt, continuations: list[str]) -> list[Score]:
+        return await self.engine.score(prompt, list(continuations))
+
+    def render(self, prompt: Prompt) -> str:
+        return self.engine.render(prompt)
+
+    def info(self) -> dict:
+        return {"name": self.name, "model_path": self.model_path, "version": self.engine.version,
+                "engine": self.spec.kind, "max_model_len": self.spec.max_model_len,
+                "replica": serve.get_replica_context().replica_id.unique_id}
+
+    async def load_weights(self, path: str) -> int:
+        """Load a checkpoint into this replica's engine in place; returns the new version.
+
+        The one place weights change. The engines check the checkpoint's tensors against the
+        model (a misfit is refused, old weights kept) and vLLM pauses around the reload; what
+        grows here is the pool-level swap: every replica, resume on failure, roll back.
+        """
+        async with self._swap_lock:
+            return await self.engine.load_weights(path)
+
+    async def check_health(self) -> None:
+        """Serve's periodic probe: raising marks the replica unhealthy (Serve replaces it)."""
+        if isinstance(self.engine, HealthProbe):
+            await self.engine.check_health()
+
+    async def __del__(self):
+        await self.engine.shutdown()
+
+    # --- used by the HTTP routes ----------------------------------------------------------
+
+    def decode_token(self, token_id: int) -> str:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        return self._tokenizer.decode([token_id])
