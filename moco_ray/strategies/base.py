@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import pkgutil
 import random
 import time
 from typing import Any, ClassVar, Literal, Protocol
@@ -190,15 +191,10 @@ class Strategy:
 # --- registry -------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, type[Strategy]] = {}
-# Modules that define the built-in strategies; imported on first lookup so that a Ray actor
-# finds every strategy without depending on imports the driver happened to run.
-_BUILTIN_MODULES = (
-    "moco_ray.strategies.single",
-    "moco_ray.strategies.text.majority_vote",
-    "moco_ray.strategies.text.multiagent_refine",
-    "moco_ray.strategies.api.cascade",
-    "moco_ray.strategies.logit.logit_fusion",
-)
+# Built-in strategies live in moco_ray/strategies/single.py and <level>/<method>.py; they are all
+# imported on first lookup, so a Ray actor finds every strategy without depending on imports the
+# driver happened to run.
+_LEVEL_PACKAGES = ("api", "text", "logit", "weight")
 
 
 def register(name: str):
@@ -215,8 +211,11 @@ def register(name: str):
 
 
 def _load_builtins() -> None:
-    for mod in _BUILTIN_MODULES:
-        importlib.import_module(mod)
+    importlib.import_module("moco_ray.strategies.single")
+    for level in _LEVEL_PACKAGES:
+        pkg = importlib.import_module(f"moco_ray.strategies.{level}")
+        for info in pkgutil.iter_modules(pkg.__path__):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
 
 
 def get_strategy(name: str) -> type[Strategy]:
