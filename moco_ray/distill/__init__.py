@@ -1,0 +1,20 @@
+"""Distillation: Ray Train + DeepSpeed, LoRA or full fine-tuning, SFT plus top-k logit KD.
+
+    from moco_ray.distill import DistillConfig, distill_all
+    infos = distill_all([(name, base_dir, rows_or_dataset, out_dir), ...], DistillConfig(...))
+
+Every model trains at the same time, one TorchTrainer each; each returns a checkpoint dir with a
+`moco_checkpoint.json` manifest that `verify_checkpoint` checks before the pool swaps it in.
+"""
+from moco_ray.distill.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    CheckpointInfo,
+    verify_checkpoint,
+)
+from moco_ray.distill.config import DistillConfig
+from moco_ray.distill.data import tokenize_row, tokenize_rows
+from moco_ray.distill.launch import DistillJob, distill_all, distill_local
+
+__all__ = ["MANIFEST", "CheckpointError", "CheckpointInfo", "DistillConfig", "DistillJob",
+           "distill_all", "distill_local", "tokenize_row", "tokenize_rows", "verify_checkpoint"]
