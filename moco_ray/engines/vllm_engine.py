@@ -65,6 +65,11 @@ class VLLMEngine:
             # torch.compile warm-up costs about a minute per model on a small CPU; eager decoding
             # of the models we serve on CPU (tiny, 135M) is fast enough.
             kwargs["enforce_eager"] = True
+            # A per-request seed plus a prompt split over steps (chunked prefill) makes vLLM
+            # rewind the request's torch.Generator offset, which CPU generators do not support:
+            # the engine core dies. Whole prompts only, with a step budget that fits the longest.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(s.max_model_len, 2048)
         kwargs.update(s.engine_kwargs)
         known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
         unknown = sorted(set(s.engine_kwargs) - known)

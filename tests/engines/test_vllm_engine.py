@@ -147,3 +147,19 @@ def test_engine_args_and_errors(tiny, run):
         VLLMEngine(EngineSpec(model=tiny, engine_kwargs={"bogus": 1}))
     with pytest.raises(ValueError, match="without enable_lora"):
         run(eng.add_lora("a", tiny))
+
+
+def test_many_seeded_long_prompts_at_once_keep_the_engine_alive(vllm_engine, run):
+    """Regression: seeded sampling on a prompt that vLLM splits over steps (chunked prefill)
+    rewinds a CPU torch.Generator, which kills the engine core; the CPU engine args avoid it."""
+    long = "word " * 100
+    params = [SamplingParams(max_tokens=4, temperature=0.7, seed=i) for i in range(24)]
+
+    async def burst():
+        return await asyncio.gather(*[vllm_engine.generate([long + str(i)], p)
+                                      for i, p in enumerate(params)])
+
+    outs = run(burst())
+    assert len(outs) == 24 and all(o[0].completion_tokens >= 1 for o in outs)
+    args = vllm_engine.engine_args()
+    assert args.enable_chunked_prefill is False and args.max_num_batched_tokens >= 2048
