@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from moco_ray.records import Generation, Prompt, SamplingParams, TokenLogprobs
+from moco_ray.records import Generation, Prompt, SamplingParams, Score, TokenLogprobs
 from moco_ray.strategies.base import StrategyContext
 from moco_ray.tasks.base import DevSplit, Example, Task, TestSplit
 
@@ -30,21 +30,28 @@ class Call:
         return re.search(r"Question (\w+)", self.text).group(1)
 
 
-# respond(call) -> output text, or (text, mean logprob) to report token logprobs
+# respond(call) -> output text, or (text, mean logprob) to report token logprobs, or a whole
+# Generation
 Respond = Callable[[Call], "str | tuple[str, float]"]
+# scorer(model, prompt as one string, continuation) -> its summed logprob (strategies that score)
+Scorer = Callable[[str, str, str], float]
 
 
 class ScriptedPool:
     """Answers each call with `respond(call)` and keeps every call for the test to inspect."""
 
-    def __init__(self, models: list[str], respond: Respond):
+    def __init__(self, models: list[str], respond: Respond, scorer: Scorer | None = None):
         self.models = list(models)
         self.respond = respond
+        self.scorer = scorer
         self.calls: list[Call] = []
+        self.scored: list[tuple[str, str, list[str]]] = []  # (model, prompt text, continuations)
 
     def _gen(self, call: Call) -> Generation:
         self.calls.append(call)
         out = self.respond(call)
+        if isinstance(out, Generation):  # fully scripted (top-k logprobs, finish reason, ...)
+            return out.model_copy(update={"model": call.model})
         text, conf = out if isinstance(out, tuple) else (out, None)
         n = 1 if text else 0  # an empty answer has no tokens, hence no logprobs
         lps = None
@@ -63,7 +70,13 @@ class ScriptedPool:
                 for p in prompts]
 
     async def score(self, model, prompt, continuations):
-        raise AssertionError("these strategies do not score")
+        if self.scorer is None:
+            raise AssertionError("these strategies do not score")
+        await asyncio.sleep(0)
+        text = text_of(prompt)
+        self.scored.append((model, text, list(continuations)))
+        sums = [self.scorer(model, text, c) for c in continuations]
+        return [Score(sum_logprob=s, mean_logprob=s, num_tokens=1) for s in sums]
 
     def render(self, model, prompt):
         return text_of(prompt)
@@ -81,9 +94,13 @@ def extract(output: str, ex: Example) -> str:
     return m.group(1) if m else ""
 
 
-def make_task(refs_dev: list[str], refs_test: list[str]) -> Task:
+def make_task(refs_dev: list[str], refs_test: list[str],
+              topic: Callable[[str], str] | None = None) -> Task:
+    """`topic(example id)` (optional) appends words to each question (routing by content)."""
     def rows(prefix, refs):
-        return tuple(Example(id=f"{prefix}{i}", question=f"Question {prefix}{i}", reference=r)
+        return tuple(Example(id=f"{prefix}{i}", reference=r,
+                             question=f"Question {prefix}{i}" + (
+                                 f" {topic(f'{prefix}{i}')}" if topic else ""))
                      for i, r in enumerate(refs))
 
     return Task(name="toy", kind="exact_match",
@@ -97,11 +114,14 @@ def make_task(refs_dev: list[str], refs_test: list[str]) -> Task:
 
 @pytest.fixture
 def toy():
-    """toy(models, respond, n_dev=4, n_test=4, group=None) -> (StrategyContext, ScriptedPool)."""
+    """toy(models, respond, n_dev=4, n_test=4, group=None) -> (StrategyContext, ScriptedPool).
+    `scorer` answers pool.score; `pool_models` (default: `models`) are all the pool's models, of
+    which the job uses `models`; `topic(example id)` appends words to each question."""
 
-    def build(models, respond, n_dev=4, n_test=4, group=None, seed=0):
-        task = make_task(["7"] * n_dev, ["7"] * n_test)
-        pool = ScriptedPool(models, respond)
+    def build(models, respond, n_dev=4, n_test=4, group=None, seed=0, scorer=None,
+              pool_models=None, topic=None):
+        task = make_task(["7"] * n_dev, ["7"] * n_test, topic)
+        pool = ScriptedPool(pool_models or models, respond, scorer)
         return StrategyContext(pool, task, models, seed=seed, logit_group=group), pool
 
     return build
