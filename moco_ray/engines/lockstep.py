@@ -2,7 +2,8 @@
 
 Every step, each model scores the next token from its own KV cache; a registered combine function
 turns the models' log-probs into one distribution (logit fusion: weighted mean of log-softmax;
-contrastive: expert minus amateur), and one token is sampled or taken greedily for every model.
+contrastive: expert minus amateur; route: a learned router picks one model's distribution per
+step), and one token is sampled or taken greedily for every model.
 
 Fixes over the reference's logit arithmetic (MoCo `utils/logit_arithmetic.py`): each model keeps a
 KV cache (the reference re-ran the whole sequence every step), left-padded batches get an attention
@@ -12,6 +13,7 @@ deployment wraps it; nothing here knows about Ray.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 
 import torch
@@ -28,7 +30,7 @@ def register_combine(name: str):
     """Decorator: register a combine function under `name`; a duplicate name is an error."""
 
     def deco(fn: CombineFn) -> CombineFn:
-        if name in _COMBINERS and _COMBINERS[name] is not fn:
+        if (name in _COMBINERS and _COMBINERS[name] is not fn) or name in _FACTORIES:
             raise ValueError(f"combine function {name!r} is already registered")
         _COMBINERS[name] = fn
         return fn
@@ -36,12 +38,42 @@ def register_combine(name: str):
     return deco
 
 
+# Parametrized modes: "name:{json}" builds a combine function from its JSON parameters, so
+# a mode with more settings than one weight per model (a learned router) still travels as the
+# one mode string that the pool forwards (and batches requests by).
+CombineFactory = Callable[[dict], CombineFn]
+_FACTORIES: dict[str, CombineFactory] = {}
+
+
+def register_combine_factory(name: str):
+    """Decorator: register a factory(params) -> CombineFn under `name`."""
+
+    def deco(fn: CombineFactory) -> CombineFactory:
+        if name in _COMBINERS or (name in _FACTORIES and _FACTORIES[name] is not fn):
+            raise ValueError(f"combine mode {name!r} is already registered")
+        _FACTORIES[name] = fn
+        return fn
+
+    return deco
+
+
 def get_combine(name: str) -> CombineFn:
+    base, _, arg = name.partition(":")
+    if base in _FACTORIES:
+        try:
+            params = json.loads(arg) if arg else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"combine mode {name!r}: the parameters after ':' must be a JSON "
+                             f"object ({e})") from None
+        if not isinstance(params, dict):
+            raise ValueError(f"combine mode {name!r}: the parameters after ':' must be a JSON "
+                             "object")
+        return _FACTORIES[base](params)
     try:
         return _COMBINERS[name]
     except KeyError:
-        raise KeyError(f"unknown combine mode {name!r}; valid: {', '.join(sorted(_COMBINERS))}"
-                       ) from None
+        valid = ", ".join(sorted([*_COMBINERS, *_FACTORIES]))
+        raise KeyError(f"unknown combine mode {name!r}; valid: {valid}") from None
 
 
 @register_combine("fusion")
@@ -61,6 +93,52 @@ def contrastive(logps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"contrastive weights need at least one negative (amateur) weight; got "
                          f"{weights.tolist()} (use combine='fusion' for a plain mixture)")
     return torch.einsum("m,mbv->bv", weights, logps)
+
+
+ROUTE_FEATURES = ("maxprob", "entropy")
+
+
+def route_features(logps: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Per-model router features [models, batch, 2]: the top-1 probability, and the entropy of
+    the top-`top_k` distribution renormalized (what an engine reporting top-k logprobs, e.g.
+    vLLM, shows of a model, so a router fit on such reports sees the same numbers here)."""
+    vals = logps.topk(min(top_k, logps.shape[-1]), dim=-1).values
+    q = F.log_softmax(vals, dim=-1)
+    entropy = -(q.exp() * q).sum(-1)
+    return torch.stack([vals[..., 0].exp(), entropy], dim=-1)
+
+
+@register_combine_factory("route")
+def route(params: dict) -> CombineFn:
+    """Token-level routing (FusionRoute-style): at each step a linear router scores every model,
+    score_m = coef . features_m + weight_m (the weights are per-model biases), and the step's
+    distribution is the top-scoring model's log-probs plus `complement` times the mean of all
+    models' log-probs (the complementary logit; 0 = pure routing). Parameters (JSON):
+    coef (one per ROUTE_FEATURES, default [1, 0]: the most confident model), top_k (20),
+    complement (0)."""
+    unknown = sorted(set(params) - {"coef", "top_k", "complement"})
+    if unknown:
+        raise ValueError(f"route parameters {unknown} are unknown; valid: coef, top_k, "
+                         "complement")
+    coef = [float(c) for c in params.get("coef", [1.0, 0.0])]
+    if len(coef) != len(ROUTE_FEATURES):
+        raise ValueError(f"route coef has {len(coef)} values; give one per feature "
+                         f"{list(ROUTE_FEATURES)}")
+    top_k, complement = int(params.get("top_k", 20)), float(params.get("complement", 0.0))
+    if top_k < 1 or complement < 0:
+        raise ValueError(f"route needs top_k >= 1 and complement >= 0; got {top_k}, "
+                         f"{complement}")
+
+    def combine(logps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        feats = route_features(logps, top_k)
+        scores = feats @ torch.tensor(coef, device=logps.device) + weights[:, None]
+        expert = scores.argmax(0)  # [batch]: ties go to the earlier model
+        out = logps[expert, torch.arange(logps.shape[1], device=logps.device)]
+        if complement:
+            out = out + complement * logps.mean(0)
+        return out
+
+    return combine
 
 
 class LockstepDecoder:
