@@ -56,6 +56,52 @@ def run(config: Path = typer.Argument(..., help="run config YAML (pool, tasks, j
 
 
 @app.command()
+def evolve(config: Path = typer.Argument(None, help="evolution config YAML"),
+           resume: Path = typer.Option(None, "--resume", help="continue the run in RUN_DIR at "
+                                       "its first unfinished stage")) -> None:
+    """The single-multi loop: collaborate on dev -> distill every model -> hot-swap -> evaluate."""
+    from moco_ray.config import ConfigError
+    from moco_ray.evolve import evolve as run_evolve
+    from moco_ray.evolve import load_evolve
+    from moco_ray.report import generation_table, markdown_table, write_report
+
+    if (config is None) == (resume is None):
+        console.print("[red]give CONFIG, or --resume RUN_DIR (not both)[/red]")
+        raise typer.Exit(2)
+    try:
+        cfg = load_evolve(config if config else resume / "config.yaml")
+    except ConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    run_dir = resume or Path(cfg.output_dir) / cfg.run_name
+    if config and (run_dir / "manifest.json").exists():
+        console.print(f"[red]{run_dir} already holds a run; continue it with --resume {run_dir} "
+                      "or pick another run_name[/red]")
+        raise typer.Exit(2)
+    shown: set[int] = set()
+
+    def on_stage(stage: str) -> None:
+        console.print(f"[bold]stage {stage}[/bold]")
+        if (run_dir / "metrics.parquet").exists():
+            for row in generation_table(run_dir):
+                if row.generation not in shown:
+                    shown.add(row.generation)
+                    console.print(markdown_table([row]))
+
+    run_evolve(cfg, run_dir, on_stage=on_stage)
+    console.print(markdown_table(generation_table(run_dir)))
+    console.print(f"report: {write_report(run_dir)}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="an evolution run directory")) -> None:
+    """Write RUN_DIR/report.md (tables per generation) and scores.png."""
+    from moco_ray.report import write_report
+
+    console.print(f"wrote {write_report(run_dir)}")
+
+
+@app.command()
 def strategies() -> None:
     """List every registered strategy with its level and one line."""
     from moco_ray.strategies.base import list_strategies

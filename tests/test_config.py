@@ -31,6 +31,11 @@ def test_every_shipped_config_parses(path):
 
         RunConfig.model_validate(raw)
         return
+    if "system" in raw:  # an evolution config (moco-ray evolve)
+        from moco_ray.evolve import load_evolve
+
+        load_evolve(path)
+        return
     load_config(path)
 
 

@@ -3,10 +3,13 @@
 Each model is its own Serve application (`<pool>-<model>`, HTTP under `/<model>`), so a model
 deploys, fails, scales and swaps weights without touching the others; each logit group is one more
 application (handles only, no HTTP). The whole config is checked before anything deploys.
+`swap` / `rollback` change a model's weights on every replica at once (see `swap.py`).
 """
 from __future__ import annotations
 
+import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Self
 
 import ray
@@ -15,9 +18,11 @@ from ray.serve.api import RunTarget
 from ray.serve.schema import ApplicationStatus
 
 from moco_ray.config import ConfigError, PoolConfig
+from moco_ray.pool import swap as _swap
 from moco_ray.pool.client import ServeClient
 from moco_ray.pool.logit_group import LogitGroupServer
 from moco_ray.pool.server import ModelServer
+from moco_ray.pool.swap import WeightVersion
 
 
 def _serve_client():
@@ -119,18 +124,26 @@ class ModelPool:
             client = _serve_client()
         self.http_port = client.http_config.port
 
+        # Before any replica starts: replicas read their model's current version from it.
+        registry = _swap.registry_name(self.config.name)
+        _swap.start_registry(self.config.name, {
+            m: {"path": self.paths[m],
+                "apps": [self.app_name(m)] + [self.app_name(g.name) for g in
+                                              self.config.logit_groups if m in g.models]}
+            for m in self.models})
         targets = []
         for m in self.config.models:
             dep = ModelServer.options(
                 num_replicas=m.replicas, max_ongoing_requests=m.max_ongoing_requests,
                 ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus})
-            app = dep.bind(m.name, m.engine_spec(self.paths[m.name], seed=self.seed))
+            app = dep.bind(m.name, m.engine_spec(self.paths[m.name], seed=self.seed),
+                           swap_registry=registry)
             targets.append(RunTarget(app, name=self.app_name(m.name), route_prefix=f"/{m.name}"))
         for g in self.config.logit_groups:
             dep = LogitGroupServer.options(
                 ray_actor_options={"num_cpus": g.num_cpus, "num_gpus": g.num_gpus})
             app = dep.bind(g.name, {n: self.paths[n] for n in g.models}, dtype=g.dtype,
-                           seed=self.seed)
+                           seed=self.seed, swap_registry=registry)
             targets.append(RunTarget(app, name=self.app_name(g.name), route_prefix=None))
         self._apps = {n: self.app_name(n) for n in self.models + self.groups}
         try:
@@ -175,6 +188,8 @@ class ModelPool:
                 time.sleep(0.5)
         if apps:
             raise TimeoutError(f"applications still deleting after {timeout_s:g}s: {apps}")
+        if ray.is_initialized():
+            _swap.stop_registry(self.config.name)
         if self._started_serve:
             serve.shutdown()
             self._started_serve = False
@@ -205,3 +220,62 @@ class ModelPool:
         """A picklable PoolClient for strategies and the coordinator actor."""
         return ServeClient({m: self.app_name(m) for m in self.models},
                            {g: self.app_name(g) for g in self.groups})
+
+    # --- weights --------------------------------------------------------------------------
+
+    def swap(self, model: str, checkpoint: str, timeout_s: float = 600.0) -> int:
+        """Hot-swap `checkpoint` (a dir) into every replica of `model` and of the logit groups
+        holding it; returns the new version, which every later Generation of it carries.
+
+        Validated first: a missing, corrupt, truncated or misfitting checkpoint raises SwapError
+        naming the problem, and the old weights keep serving. In-flight requests finish on the
+        old weights, new ones wait the moment the load takes; if a replica fails to load, every
+        replica goes back to the previous version and SwapError says why.
+        """
+        self._require_model(model)
+        return _run(_swap.swap_model(self._registry, model, str(checkpoint), timeout_s))
+
+    def rollback(self, model: str, version: int | None = None, timeout_s: float = 600.0) -> int:
+        """Serve an earlier version of `model` again (default: the newest one below the live
+        one) under its own number; returns it. SwapError when there is none or it is gone."""
+        self._require_model(model)
+        return _run(_swap.rollback_model(self._registry, model, version, timeout_s))
+
+    def versions(self) -> dict[str, dict]:
+        """model -> {"version": live version, "path": its checkpoint dir}."""
+        self._require_model(None)
+        return ray.get(_swap.registry(self._registry).versions.remote())
+
+    def history(self, model: str) -> list[WeightVersion]:
+        """Every version `model` had, oldest (0, the start weights) first; failed ones marked."""
+        self._require_model(model)
+        return ray.get(_swap.registry(self._registry).history.remote(model))
+
+    def group_versions(self, group: str) -> dict[int, dict[str, int]]:
+        """A logit group's versions (what its Generations carry) -> its members' versions."""
+        if group not in self.groups:
+            raise KeyError(f"no logit group {group!r}; groups: {self.groups}")
+        self._require_model(None)
+        return ray.get(_swap.registry(self._registry).group_versions.remote(group))
+
+    @property
+    def _registry(self) -> str:
+        return _swap.registry_name(self.config.name)
+
+    def _require_model(self, model: str | None) -> None:
+        if not self._apps:
+            raise RuntimeError(f"pool {self.config.name!r} is not started; call start() first")
+        if model is not None and model not in self.models:
+            raise KeyError(f"no model {model!r} in pool {self.config.name!r}; models: "
+                           f"{self.models} (logit groups follow their members' swaps)")
+
+
+def _run(coro):
+    """Run a coroutine to completion from sync code, also when this thread runs an event loop
+    (then in a helper thread, since a loop cannot be re-entered)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1) as ex:
+        return ex.submit(asyncio.run, coro).result()

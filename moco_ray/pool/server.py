@@ -2,7 +2,8 @@
 
 Handles call `generate`, `score`, `render`, `info` and `load_weights`; HTTP clients reach the same
 `generate` through the OpenAI routes of `openai_api.OpenAIRoutes` under `/<model>/v1/...`.
-Every Generation leaving the server carries the model's name and the weight version that made it.
+Every Generation leaving the server carries the model's name and the weight version that made it:
+the pool's version (`swap.py` numbers them), which every replica of the model agrees on.
 Resources, replicas and max_ongoing_requests are set per model by `ModelPool` with `.options()`.
 """
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Protocol, runtime_checkable
 from ray import serve
 
 from moco_ray.engines.base import Engine, EngineSpec, build_engine
+from moco_ray.pool import swap
 from moco_ray.pool.openai_api import OpenAIRoutes, openai_app
+from moco_ray.pool.swap import WeightGate, WeightVersion
 from moco_ray.records import Generation, Prompt, SamplingParams, Score
 
 
@@ -34,18 +37,27 @@ class HealthProbe(Protocol):
 )
 @serve.ingress(openai_app)
 class ModelServer(OpenAIRoutes):
-    """Serves one pool model. `name` is the pool's name for it; `spec` builds its engine."""
+    """Serves one pool model. `name` is the pool's name for it; `spec` builds its engine;
+    `swap_registry` names the pool's `swap.SwapRegistry` (None: a server outside a pool)."""
 
-    async def __init__(self, name: str, spec: EngineSpec):
+    async def __init__(self, name: str, spec: EngineSpec, swap_registry: str | None = None):
         self.name = name
         self.spec = spec
         self.model_path = spec.model
         self.engine: Engine = build_engine(spec)
         self._tokenizer = None  # loaded on the first HTTP request that asks for logprobs
         self._swap_lock = asyncio.Lock()
+        self._gate = WeightGate()  # requests wait here while weights change
+        self._swap_registry = swap_registry
+        self.version = 0  # the pool's number for the weights served now
+        self.weights_path = spec.model
         # Start the engine now (one tiny request), so that the replica turns healthy only with a
         # working engine, and the first real request does not pay for lazy initialisation.
         await self.engine.generate(["hi"], SamplingParams(max_tokens=1))
+        if swap_registry is not None:
+            # Last thing before serving: a replica started after a swap (autoscaling, restart)
+            # comes up on the model's current version, not on the one it was deployed with.
+            await self.apply_version(name, await swap.current_version(swap_registry, name))
 
     # --- handle methods -------------------------------------------------------------------
 
@@ -54,36 +66,52 @@ class ModelServer(OpenAIRoutes):
         """One Generation per prompt, stamped with this model's name and weight version."""
         if not prompts:
             return []
-        t0 = time.perf_counter()
-        gens = await self.engine.generate(list(prompts), params, lora)
-        # The engine stamps the version its weights had when it decoded; the name is the pool's.
-        # Engine time of a batched call is shared among its prompts (cost accounting), unless
-        # the engine measured each one.
+        async with self._gate.request():  # weights cannot change until this call is done
+            t0 = time.perf_counter()
+            gens = await self.engine.generate(list(prompts), params, lora)
+            version = self.version
+        # Name and version are the pool's. Engine time of a batched call is shared among its
+        # prompts (cost accounting), unless the engine measured each one.
         share = (time.perf_counter() - t0) / len(gens)
-        return [g.model_copy(update={"model": self.name,
+        return [g.model_copy(update={"model": self.name, "version": version,
                                      "engine_seconds": g.engine_seconds or share})
                 for g in gens]
 
     async def score(self, prompt: Prompt, continuations: list[str]) -> list[Score]:
-        return await self.engine.score(prompt, list(continuations))
+        async with self._gate.request():
+            return await self.engine.score(prompt, list(continuations))
 
     def render(self, prompt: Prompt) -> str:
         return self.engine.render(prompt)
 
     def info(self) -> dict:
-        return {"name": self.name, "model_path": self.model_path, "version": self.engine.version,
-                "engine": self.spec.kind, "max_model_len": self.spec.max_model_len,
+        return {"name": self.name, "model_path": self.model_path, "version": self.version,
+                "weights": self.weights_path, "engine": self.spec.kind,
+                "max_model_len": self.spec.max_model_len,
                 "replica": serve.get_replica_context().replica_id.unique_id}
 
     async def load_weights(self, path: str) -> int:
-        """Load a checkpoint into this replica's engine in place; returns the new version.
+        """Swap the checkpoint at `path` in; returns the new version. In a pool this is the
+        pool-wide swap (`ModelPool.swap`: every replica of this model and of its logit groups),
+        since a handle call reaches one replica only; outside a pool, this replica alone."""
+        if self._swap_registry is not None:
+            return await swap.swap_model(self._swap_registry, self.name, path)
+        await asyncio.to_thread(swap.validate, path, self.model_path)
+        return await self.apply_version(self.name, WeightVersion(version=self.version + 1,
+                                                                 path=path))
 
-        The one place weights change. The engines check the checkpoint's tensors against the
-        model (a misfit is refused, old weights kept) and vLLM pauses around the reload; what
-        grows here is the pool-level swap: every replica, resume on failure, roll back.
-        """
+    async def apply_version(self, model: str, target: WeightVersion) -> int:
+        """Serve `target` on this replica (swap.py broadcasts it to all of them); a no-op when
+        it already does. Returns the version served."""
+        if model != self.name:
+            raise ValueError(f"version of {model!r} sent to the server of {self.name!r}")
         async with self._swap_lock:
-            return await self.engine.load_weights(path)
+            if target.version != self.version:
+                await swap.apply(self._gate, self.engine.load_weights, target, self._commit)
+        return self.version
+
+    def _commit(self, target: WeightVersion) -> None:
+        self.version, self.weights_path = target.version, target.path
 
     async def check_health(self) -> None:
         """Serve's periodic probe: raising marks the replica unhealthy (Serve replaces it)."""

@@ -1,0 +1,167 @@
+"""The single-multi evolution loop: collaborate -> distill every model -> hot-swap -> evaluate.
+
+A run lives in `runs/<run>/`: the config, `manifest.json` (stages done, with their outputs),
+`gen_<g>/collab/` and `gen_<g>/eval/` (Parquet records), `gen_<g>/data/<model>/` (SFT rows),
+`gen_<g>/checkpoints/<model>/`, `metrics.parquet`. Stages, for generation g >= 1:
+
+    collab_g   the system (and, for multi-student KD, every single model) on DEV, current weights
+    data_g     each model's SFT rows from those dev records (Ray Data transforms)
+    distill_g  every model distilled at once (Ray Train + DeepSpeed), from its current weights
+    swap_g     the new checkpoints hot-swapped into the live pool
+    eval_g     every single model and the system on TEST
+
+plus `eval_0` (the starting models) first. A killed run resumes at its first unfinished stage:
+the pool restarts from the newest distilled weights and nothing done is redone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from moco_ray.config import (ConfigError, JobSpec, PoolConfig, RunConfig, TaskSpec, _fmt_loc,
+                             _Frozen, check_references)
+from moco_ray.distill.config import DistillConfig
+from moco_ray.records import Record
+
+
+class EvolveConfig(_Frozen):
+    run_name: str = "evolve"
+    output_dir: str = "runs"
+    seed: int = 0
+    concurrency: int = Field(16, ge=1)
+    generations: int = Field(2, ge=1, description="distillation rounds after generation 0")
+    recipe: Literal["supervised_kd", "multi_student_kd"] = Field(
+        "supervised_kd", description="supervised_kd: every model learns the system's outputs; "
+        "multi_student_kd: plus half its own and half the best single model's outputs (dev)")
+    keep: Literal["all", "correct", "agreement"] = Field(
+        "correct", description="which dev records become training rows: all; correct "
+        "(score == 1 on dev); agreement (the system's answer matches a majority of the models)")
+    pool: PoolConfig
+    tasks: list[TaskSpec] = Field(min_length=1)
+    system: JobSpec = Field(description="the collaboration strategy whose outputs are distilled")
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+    def run_config(self) -> RunConfig:
+        """The sweep view of this config (the same pool, tasks and the system job)."""
+        return RunConfig(run_name=self.run_name, output_dir=self.output_dir, seed=self.seed,
+                         concurrency=self.concurrency, pool=self.pool, tasks=self.tasks,
+                         jobs=[self.system])
+
+
+def parse_evolve(raw: dict, source: str = "config") -> EvolveConfig:
+    try:
+        cfg = EvolveConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError([f"{_fmt_loc(err['loc'])}: {err['msg']}" for err in e.errors()],
+                          source) from None
+    problems = [p.replace("jobs.0.", "system.") for p in check_references(cfg.run_config())]
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_evolve(path: str | Path) -> EvolveConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"file not found: {p}"], str(p))
+    raw = yaml.safe_load(p.read_text())
+    if not isinstance(raw, dict):
+        raise ConfigError(["top level must be a mapping"], str(p))
+    return parse_evolve(raw, str(p))
+
+
+# --- the run directory and its manifest ------------------------------------------------------
+
+class Manifest:
+    """Which stages are done, with what they produced; written atomically after each stage."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "manifest.json"
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"stages": {}}
+
+    def done(self, stage: str) -> bool:
+        return self.data["stages"].get(stage, {}).get("state") == "done"
+
+    def output(self, stage: str) -> dict:
+        return self.data["stages"][stage]["output"]
+
+    def mark(self, stage: str, output: dict, seconds: float) -> None:
+        self.data["stages"][stage] = {"state": "done", "output": output, "seconds": seconds,
+                                      "finished": time.time()}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+
+def stage_names(generations: int) -> list[str]:
+    names = ["eval_0"]
+    for g in range(1, generations + 1):
+        names += [f"collab_{g}", f"data_{g}", f"distill_{g}", f"swap_{g}", f"eval_{g}"]
+    return names
+
+
+def current_weights(cfg: EvolveConfig, manifest: Manifest, base_paths: dict[str, str]
+                    ) -> dict[str, str]:
+    """Each model's newest distilled checkpoint (or its starting weights)."""
+    paths = dict(base_paths)
+    for g in range(1, cfg.generations + 1):
+        if manifest.done(f"distill_{g}"):
+            paths.update(manifest.output(f"distill_{g}")["checkpoints"])
+    return paths
+
+
+ProgressFn = Callable[[str], None]
+
+
+def evolve(cfg: EvolveConfig, run_dir: Path, on_stage: ProgressFn | None = None,
+           stop_after: str | None = None) -> Path:
+    """Run (or resume) the loop in `run_dir`. `stop_after` ends after that stage (for tests)."""
+    from moco_ray import zoo
+    from moco_ray.evolve_stages import Stages
+    from moco_ray.sweep import init_ray, load_tasks
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = run_dir / "config.yaml"
+    if cfg_file.exists():
+        saved = EvolveConfig.model_validate(yaml.safe_load(cfg_file.read_text()))
+        if saved != cfg:
+            raise ConfigError(["config differs from the one this run started with "
+                               f"({cfg_file}); resume with that config or start a new run_name"],
+                              str(run_dir))
+    else:
+        cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    manifest = Manifest(run_dir)
+    todo = [s for s in stage_names(cfg.generations) if not manifest.done(s)]
+    if not todo:
+        return run_dir
+    tasks = load_tasks(cfg.run_config())  # bad rows fail here, before any engine starts
+    init_ray()
+    base = {m.name: zoo.resolve_path(m.path) for m in cfg.pool.models}
+    stages = Stages(cfg, run_dir, manifest, tasks, current_weights(cfg, manifest, base))
+    try:
+        for stage in todo:
+            if on_stage:
+                on_stage(stage)
+            t0 = time.perf_counter()
+            output = stages.run(stage)
+            manifest.mark(stage, output, time.perf_counter() - t0)
+            if stage == stop_after:
+                break
+    finally:
+        stages.close()
+    return run_dir
+
+
+def dev_only(records: list[Record], where: str) -> list[Record]:
+    """Training data comes from dev records only: a test record here is a bug, not data."""
+    bad = [r for r in records if r.split != "dev"]
+    if bad:
+        raise ValueError(f"{where}: {len(bad)} record(s) from split {bad[0].split!r} "
+                         f"(e.g. {bad[0].task}/{bad[0].example_id}); training data must be dev")
+    return records
