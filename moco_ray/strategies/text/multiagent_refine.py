@@ -11,9 +11,9 @@ import asyncio
 
 from pydantic import Field
 
-from moco_ray.records import Prompt
 from moco_ray.strategies.base import Answer, ExampleContext, Strategy, StrategyContext, register
 from moco_ray.strategies.common import SamplingFields, over_dev
+from moco_ray.strategies.text._shared import listing, user_text, with_user_text
 from moco_ray.tasks.base import DevSplit, Example
 
 REFINE = (
@@ -75,12 +75,12 @@ class MultiagentRefine(Strategy):
     async def _debate(self, ctx: ExampleContext, example: Example) -> list[dict[str, str]]:
         """Every round's answers, model -> text; round r > 0 sees round r - 1."""
         p, base = self.params, ctx.task.prompt(example)
-        question = _user_text(base)
+        question = user_text(base)
         history: list[dict[str, str]] = []
         for r in range(p.rounds):
-            prompts = {m: base if r == 0 else _with_user_text(base, REFINE.format(
+            prompts = {m: base if r == 0 else with_user_text(base, REFINE.format(
                 question=question, own=history[-1][m],
-                others=_listing([history[-1][o] for o in ctx.models if o != m])))
+                others=listing([history[-1][o] for o in ctx.models if o != m])))
                 for m in ctx.models}
             params = [p.sampling(ctx.task, ctx.rng) for _ in ctx.models]
             gens = await asyncio.gather(*(ctx.generate(m, prompts[m], sp, step=f"round{r}")
@@ -91,31 +91,8 @@ class MultiagentRefine(Strategy):
     async def _summarize(self, ctx: ExampleContext, example: Example, model: str,
                          last: dict[str, str]) -> str:
         base = ctx.task.prompt(example)
-        prompt = _with_user_text(base, SUMMARIZE.format(
-            question=_user_text(base), answers=_listing([last[m] for m in ctx.models])))
+        prompt = with_user_text(base, SUMMARIZE.format(
+            question=user_text(base), answers=listing([last[m] for m in ctx.models])))
         [gen] = await ctx.generate(model, prompt, self.params.sampling(ctx.task, ctx.rng),
                                    step="summarize")
         return gen.text
-
-
-def _listing(answers: list[str]) -> str:
-    # Answers are numbered, not named: models should weigh the content, not the source.
-    return "\n".join(f"[{i + 1}] {a.strip()}" for i, a in enumerate(answers)) or "(none)"
-
-
-def _user_text(prompt: Prompt) -> str:
-    """The last user message: the question as the task formats it, answer format included."""
-    if isinstance(prompt, str):
-        return prompt
-    for m in reversed(prompt):
-        if m.get("role") == "user":
-            return m["content"]
-    raise ValueError(f"task prompt has no user message to refine: {prompt!r}")
-
-
-def _with_user_text(prompt: Prompt, text: str) -> Prompt:
-    """`prompt` with its last user message replaced by `text`; system messages are kept."""
-    if isinstance(prompt, str):
-        return text
-    i = max(k for k, m in enumerate(prompt) if m.get("role") == "user")
-    return [*prompt[:i], {**prompt[i], "content": text}, *prompt[i + 1:]]
