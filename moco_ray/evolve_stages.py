@@ -93,9 +93,12 @@ class Stages:
         records = ray.data.read_parquet(self.manifest.output(f"collab_{g}")["records"])
         datasets = sft_datasets(records, self.models, self.cfg.system.strategy, self.cfg.recipe,
                                 self.cfg.keep, self.tasks, seed=self.cfg.seed + g)
-        out = {}
+        out, done = {}, {}
         for m, ds in datasets.items():
-            ds = ds.materialize()
+            # Models that share one dataset (supervised KD) share one execution of it.
+            if id(ds) not in done:
+                done[id(ds)] = ds.materialize()
+            ds = done[id(ds)]
             n = ds.count()
             if n == 0:
                 raise ValueError(f"data_{g}: no training rows for {m!r} (recipe "
