@@ -60,6 +60,10 @@ class LogitGroupSpec(_Frozen):
     dtype: str = "float32"
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(
+        128, ge=1, description="calls the group's replica takes at once; concurrent calls with "
+        "the same settings decode as one batch, so this bounds the batch (Serve's default, 5, "
+        "would cut every batch to 5 calls)")
 
 
 class PoolConfig(_Frozen):
@@ -128,6 +132,8 @@ class RunConfig(_Frozen):
     output_dir: str = "runs"
     seed: int = 0
     concurrency: int = Field(16, ge=1, description="examples in flight per job")
+    max_jobs: int | None = Field(None, ge=1, description="jobs in flight at once, the next "
+                                 "starting when one ends (None: all at once)")
     pool: PoolConfig
     tasks: list[TaskSpec] = Field(min_length=1)
     jobs: list[JobSpec] = Field(min_length=1)

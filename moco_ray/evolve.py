@@ -46,6 +46,10 @@ class EvolveConfig(_Frozen):
     tasks: list[TaskSpec] = Field(min_length=1)
     system: JobSpec = Field(description="the collaboration strategy whose outputs are distilled")
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    overlap: bool = Field(
+        True, description="run eval_g (test) and collab_g+1 (dev) together on the pool: both "
+        "use generation g's weights, so their jobs share the engines' batches; false runs every "
+        "stage alone (cleaner per-stage timings)")
 
     def run_config(self) -> RunConfig:
         """The sweep view of this config (the same pool, tasks and the system job)."""
@@ -106,6 +110,15 @@ def stage_names(generations: int) -> list[str]:
     return names
 
 
+def overlaps(stages: list[str]) -> bool:
+    """Whether two stages can share the pool: eval_g and collab_g+1 (same weights, no swap
+    between them)."""
+    if len(stages) != 2:
+        return False
+    (a, ga), (b, gb) = (s.rsplit("_", 1) for s in stages)
+    return a == "eval" and b == "collab" and int(gb) == int(ga) + 1
+
+
 def current_weights(cfg: EvolveConfig, manifest: Manifest, base_paths: dict[str, str]
                     ) -> dict[str, str]:
     """Each model's newest distilled checkpoint (or its starting weights)."""
@@ -145,14 +158,20 @@ def evolve(cfg: EvolveConfig, run_dir: Path, on_stage: ProgressFn | None = None,
     base = {m.name: zoo.resolve_path(m.path) for m in cfg.pool.members}
     stages = Stages(cfg, run_dir, manifest, tasks, current_weights(cfg, manifest, base))
     try:
-        for stage in todo:
+        i = 0
+        while i < len(todo):
+            group = todo[i:i + 2] if (cfg.overlap and stop_after != todo[i]
+                                      and overlaps(todo[i:i + 2])) else todo[i:i + 1]
             if on_stage:
-                on_stage(stage)
+                on_stage(" + ".join(group))
             t0 = time.perf_counter()
-            output = stages.run(stage)
-            manifest.mark(stage, output, time.perf_counter() - t0)
-            if stage == stop_after:
+            outputs = stages.run_together(*group) if len(group) == 2 else [stages.run(group[0])]
+            seconds = time.perf_counter() - t0
+            for stage, output in zip(group, outputs):  # a kill before this redoes both
+                manifest.mark(stage, output, seconds)
+            if stop_after in group:
                 break
+            i += len(group)
     finally:
         stages.close()
     return run_dir

@@ -46,11 +46,8 @@ class Stages:
             self._pool.shutdown()
             self._pool = None
 
-    def _jobs(self, g: int, split: str, singles: bool, system: bool) -> list[Record]:
-        import ray
-
-        from moco_ray.coordinator import Coordinator
-        from moco_ray.sweep import job_request, run_jobs
+    def _requests(self, g: int, split: str, singles: bool, system: bool) -> list:
+        from moco_ray.sweep import job_request
 
         rcfg = self.cfg.run_config()
         specs = []
@@ -59,9 +56,16 @@ class Stages:
         if singles:
             specs += [(m, JobSpec(strategy="single", params={"model": m}, models=[m]))
                       for m in self.models]
-        reqs = [job_request(rcfg, spec, self.tasks[t.name], f"g{g}-{split}-{label}-{t.name}",
+        return [job_request(rcfg, spec, self.tasks[t.name], f"g{g}-{split}-{label}-{t.name}",
                             generation=g, splits=(split,))
                 for label, spec in specs for t in self.cfg.tasks]
+
+    def _run(self, reqs: list) -> list[Record]:
+        import ray
+
+        from moco_ray.coordinator import Coordinator
+        from moco_ray.sweep import run_jobs
+
         coord = Coordinator.remote(self.pool.client())
         try:
             records, _ = run_jobs(coord, reqs)
@@ -73,24 +77,37 @@ class Stages:
         kind, g = stage.rsplit("_", 1)
         return getattr(self, kind)(int(g))
 
+    def run_together(self, eval_stage: str, collab_stage: str) -> list[dict]:
+        """eval_g and collab_g+1 as one batch of jobs on the pool (both on generation g's
+        weights); their records part again by split. Returns both stages' outputs."""
+        g = int(eval_stage.rsplit("_", 1)[1])
+        assert collab_stage == f"collab_{g + 1}", (eval_stage, collab_stage)
+        recs = self._run(self._eval_requests(g) + self._collab_requests(g + 1))
+        return [self._eval_output(g, [r for r in recs if r.split == "test"]),
+                self._collab_output(g + 1, [r for r in recs if r.split == "dev"])]
+
     # --- stages -------------------------------------------------------------------------------
 
-    def collab(self, g: int) -> dict:
+    def _collab_requests(self, g: int) -> list:
         need_singles = self.cfg.recipe == "multi_student_kd" or self.cfg.keep == "agreement"
-        recs = self._jobs(g, "dev", singles=need_singles, system=True)
+        return self._requests(g, "dev", singles=need_singles, system=True)
+
+    def _collab_output(self, g: int, recs: list[Record]) -> dict:
         path = write_records(recs, self.run_dir / f"gen_{g}" / "collab")
         return {"records": str(path), "n": len(recs)}
+
+    def collab(self, g: int) -> dict:
+        return self._collab_output(g, self._run(self._collab_requests(g)))
 
     def data(self, g: int) -> dict:
         """Each model's SFT rows, built from the collab Parquet by Ray Data and written as one
         Parquet dataset per model."""
         import shutil
 
-        import ray.data
-
+        from moco_ray.outputs import read_dataset
         from moco_ray.sft_data import sft_datasets
 
-        records = ray.data.read_parquet(self.manifest.output(f"collab_{g}")["records"])
+        records = read_dataset(self.manifest.output(f"collab_{g}")["records"])
         datasets = sft_datasets(records, self.models, self.cfg.system.strategy, self.cfg.recipe,
                                 self.cfg.keep, self.tasks, seed=self.cfg.seed + g)
         out, done = {}, {}
@@ -111,14 +128,24 @@ class Stages:
         return {"data": out}
 
     def distill(self, g: int) -> dict:
-        import ray.data
+        import json
+
+        import pyarrow.parquet as pq
 
         from moco_ray.distill import distill_all
+        from moco_ray.outputs import read_dataset
 
         data = self.manifest.output(f"data_{g}")["data"]
         jobs = []
         for m in self.models:
-            rows = ray.data.read_parquet(data[m]["path"])  # tokenized by Ray Data in distill
+            path, n = data[m]["path"], data[m]["n"]
+            if self.cfg.distill.ingest_on_driver(n):  # checked and tokenized in distill_all
+                # In a fixed order (files and rows arrive as Ray Data wrote them), so the
+                # seed alone fixes the training.
+                rows = sorted(pq.read_table(path).to_pylist(),
+                              key=lambda r: json.dumps(r, sort_keys=True, default=str))
+            else:  # read and tokenized by Ray Data tasks, streamed to the trainer's ranks
+                rows = read_dataset(path)
             out = self.run_dir / f"gen_{g}" / "checkpoints" / m
             if out.exists():  # a distill killed half-way: its partial output is not a checkpoint
                 import shutil
@@ -142,8 +169,13 @@ class Stages:
             self.weights[m] = path
         return {"versions": versions}
 
+    def _eval_requests(self, g: int) -> list:
+        return self._requests(g, "test", singles=True, system=True)
+
     def eval(self, g: int) -> dict:
-        recs = self._jobs(g, "test", singles=True, system=True)
+        return self._eval_output(g, self._run(self._eval_requests(g)))
+
+    def _eval_output(self, g: int, recs: list[Record]) -> dict:
         path = write_records(recs, self.run_dir / f"gen_{g}" / "eval")
         rows = metric_rows(recs, g, self.models)
         self._write_metrics(g, rows)

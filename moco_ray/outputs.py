@@ -72,3 +72,26 @@ def write_records(records: list[Record], path: str | Path) -> Path:
 def read_records(path: str | Path) -> list[Record]:
     table = pq.read_table(str(path), schema=SCHEMA)
     return [row_to_record(row) for row in table.to_pylist()]
+
+
+# Parquet up to this size is read by the driver and handed to Ray Data whole. `read_parquet`
+# starts its listing, footer and read tasks for any size: ~12 s a read on a 2-core machine,
+# against 0.1 s for a small table read here.
+SMALL_PARQUET_BYTES = 256 * 2**20
+
+
+def read_dataset(path: str | Path):
+    """A Ray Dataset of the Parquet at `path` (a file or a directory of files). Small local data
+    is read with pyarrow on the driver (`ray.data.from_arrow`); large or remote data (an URI)
+    with `ray.data.read_parquet`, in parallel tasks."""
+    import ray.data
+
+    path = str(path)
+    if "://" not in path:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"no Parquet data at {path!r}")
+        files = [p] if p.is_file() else list(p.rglob("*.parquet"))
+        if sum(f.stat().st_size for f in files) <= SMALL_PARQUET_BYTES:
+            return ray.data.from_arrow(pq.read_table(path))
+    return ray.data.read_parquet(path)

@@ -107,22 +107,29 @@ def summarize(records: list[Record], jobs: list[JobStatus]) -> list[SummaryRow]:
 
 
 def run_jobs(coordinator, reqs: list[JobRequest],
-             on_progress: Callable[[JobStatus, int], None] | None = None
-             ) -> tuple[list[Record], list[JobStatus]]:
-    """Submit all jobs at once (they share the pool) and stream their records back."""
+             on_progress: Callable[[JobStatus, int], None] | None = None,
+             max_jobs: int | None = None) -> tuple[list[Record], list[JobStatus]]:
+    """Submit the jobs (all at once, or at most `max_jobs` in flight, the next one as soon as
+    one ends; they share the pool) and stream their records back."""
     import ray
 
-    ray.get([coordinator.submit.remote(r) for r in reqs])
+    waiting = list(reqs)
+    live: list[str] = []
     records: list[Record] = []
     final: dict[str, JobStatus] = {}
     while len(final) < len(reqs):
-        live = [r.job for r in reqs if r.job not in final]
-        for job, (recs, st) in zip(live, ray.get([coordinator.poll.remote(j, 0.5) for j in live])):
+        room = len(waiting) if max_jobs is None else max(0, max_jobs - len(live))
+        batch, waiting = waiting[:room], waiting[room:]
+        ray.get([coordinator.submit.remote(r) for r in batch])
+        live += [r.job for r in batch]
+        for job, (recs, st) in zip(list(live),
+                                   ray.get([coordinator.poll.remote(j, 0.5) for j in live])):
             records += recs
             if on_progress:
                 on_progress(st, len(recs))
             if st.state != "running":
                 final[job] = st
+                live.remove(job)
     failed = [s for s in final.values() if s.state == "failed"]
     if failed:
         # Keep what finished: the caller writes the records before raising.
@@ -155,7 +162,8 @@ def run_config(cfg: RunConfig, on_progress=None, pool=None) -> SweepResult:
         coord = Coordinator.remote(pool.client())
         stamp = time.strftime("%Y%m%d-%H%M%S")
         try:
-            records, jobs = run_jobs(coord, job_requests(cfg, tasks), on_progress)
+            records, jobs = run_jobs(coord, job_requests(cfg, tasks), on_progress,
+                                      max_jobs=cfg.max_jobs)
         except JobsFailed as e:
             if e.records:
                 write_records(e.records, out_dir / f"records-{stamp}-partial")

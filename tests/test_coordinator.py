@@ -140,3 +140,22 @@ def test_failed_job_reports_error(ray_session):
             break
     assert st.state == "failed" and "nope" in st.error
     ray.kill(coord)
+
+
+@pytest.mark.parametrize("max_jobs", [1, 2])
+def test_run_jobs_keeps_at_most_max_jobs_in_flight(ray_session, max_jobs):
+    import ray
+
+    from moco_ray.sweep import run_jobs
+
+    pool = ScriptedPool(["m0"], delay=0.05)
+    coord = Coordinator.remote(pool)
+    reqs = [JobRequest(job=f"mj{max_jobs}-{i}", strategy="test_ask_all", task=_task(n_test=8),
+                       models=["m0"], concurrency=8) for i in range(3)]
+    records, jobs = run_jobs(coord, reqs, max_jobs=max_jobs)
+    assert [j.job for j in jobs] == [r.job for r in reqs]
+    assert all(j.state == "done" for j in jobs) and len(records) == 24
+    # One job keeps at most 8 calls in flight, so the pool's peak bounds the jobs side by side.
+    peak = max(rec.meta["peak"] for rec in records)
+    assert 8 * (max_jobs - 1) < peak <= 8 * max_jobs
+    ray.kill(coord)

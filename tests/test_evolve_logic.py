@@ -130,3 +130,62 @@ def test_evolve_config_errors_name_keys():
         parse_evolve(raw)
     raw["system"] = {"strategy": "text_majority_vote"}
     assert isinstance(parse_evolve(raw), EvolveConfig)
+
+
+class _FakeStages:
+    """Stands in for evolve_stages.Stages: records what the loop asks for."""
+
+    calls: list = []
+
+    def __init__(self, cfg, run_dir, manifest, tasks, weights):
+        pass
+
+    def run(self, stage):
+        _FakeStages.calls.append((stage,))
+        return {"stage": stage}
+
+    def run_together(self, a, b):
+        _FakeStages.calls.append((a, b))
+        return [{"stage": a}, {"stage": b}]
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_loop_runs_eval_with_next_collab_and_resumes(tmp_path, monkeypatch, overlap):
+    import moco_ray.evolve as ev
+    import moco_ray.evolve_stages as es
+    import moco_ray.sweep as sweep
+    from moco_ray import zoo
+
+    monkeypatch.setattr(es, "Stages", _FakeStages)
+    monkeypatch.setattr(sweep, "init_ray", lambda: None)
+    monkeypatch.setattr(zoo, "resolve_path", lambda p: p)
+    raw = {"pool": {"models": [{"name": "a", "path": "zoo:tiny"}]}, "generations": 2,
+           "tasks": [{"name": "max", "source": "synthetic", "dev_limit": 4, "test_limit": 4}],
+           "system": {"strategy": "text_majority_vote"}, "overlap": overlap}
+    cfg = parse_evolve(raw)
+    _FakeStages.calls = []
+    seen = []
+    ev.evolve(cfg, tmp_path, on_stage=seen.append, stop_after="collab_1")
+    first = [("eval_0", "collab_1")] if overlap else [("eval_0",), ("collab_1",)]
+    assert _FakeStages.calls == first
+    assert Manifest(tmp_path).done("collab_1") and not Manifest(tmp_path).done("data_1")
+    _FakeStages.calls = []
+    ev.evolve(cfg, tmp_path, on_stage=seen.append)  # resume: nothing finished is redone
+    rest = [("data_1",), ("distill_1",), ("swap_1",)]
+    rest += [("eval_1", "collab_2")] if overlap else [("eval_1",), ("collab_2",)]
+    rest += [("data_2",), ("distill_2",), ("swap_2",), ("eval_2",)]
+    assert _FakeStages.calls == rest
+    assert seen[0] == ("eval_0 + collab_1" if overlap else "eval_0")
+    m = Manifest(tmp_path)
+    assert all(m.output(s) == {"stage": s} for s in stage_names(2))
+
+
+def test_only_eval_then_next_collab_overlap():
+    from moco_ray.evolve import overlaps
+
+    assert overlaps(["eval_0", "collab_1"]) and overlaps(["eval_3", "collab_4"])
+    assert not overlaps(["eval_1", "collab_1"]) and not overlaps(["collab_1", "data_1"])
+    assert not overlaps(["eval_2"]) and not overlaps(["swap_1", "eval_1"])

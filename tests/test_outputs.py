@@ -27,3 +27,29 @@ def test_table_schema_and_roundtrip(ray_session, tmp_path):
 def test_records_without_trace_or_cost():
     r = Record(strategy="s", task="t", split="test", example_id="1", prompt="p", output="o")
     assert records_to_table([r]).column("cost").to_pylist() == [[]]
+
+
+def test_read_dataset_small_on_driver_large_by_ray_data(ray_session, tmp_path, monkeypatch):
+    import pytest
+
+    from moco_ray import outputs
+
+    import ray.data
+
+    path = write_records([_rec(i) for i in range(5)], tmp_path / "recs")
+    reads = []
+    real_read = ray.data.read_parquet
+    monkeypatch.setattr(ray.data, "read_parquet", lambda p: reads.append(p) or real_read(p))
+    small = outputs.read_dataset(path)
+    assert reads == []  # read on the driver
+    monkeypatch.setattr(outputs, "SMALL_PARQUET_BYTES", 0)  # every file is "large" now
+    large = outputs.read_dataset(path)
+    assert reads == [str(path)]
+
+    def ids(ds):
+        return sorted(r["example_id"] for r in ds.take_all())
+
+    assert ids(small) == ids(large) == sorted(_rec(i).example_id for i in range(5))
+    assert small.schema().names == large.schema().names
+    with pytest.raises(FileNotFoundError, match="no Parquet data"):
+        outputs.read_dataset(tmp_path / "missing")

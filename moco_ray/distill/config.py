@@ -10,6 +10,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+# Above this many rows per model, `ingest: auto` streams the data through Ray Data.
+DRIVER_INGEST_MAX_ROWS = 20_000
+
+
 class DistillConfig(BaseModel):
     """How to distill one model (every model of a `distill_all` call shares it)."""
 
@@ -44,6 +48,12 @@ class DistillConfig(BaseModel):
         10, description="steps per ray.train.report; each report carries the loss of every step "
         "since the last. A report waits for the Ray Train controller's poll (2 s in Ray 2.60), so "
         "1 caps training at one step per poll")
+    ingest: Literal["auto", "ray_data", "driver"] = Field(
+        "auto", description="how an evolution run's Parquet SFT data reaches the trainers: "
+        "'ray_data' streams it through Ray Data (read and tokenized by Ray Data tasks, split "
+        "over the ranks); 'driver' reads it with pyarrow and tokenizes it on the driver; 'auto': "
+        f"driver up to {DRIVER_INGEST_MAX_ROWS} rows per model, else ray_data. Each Ray Data "
+        "read starts worker processes (~10 s on 2 cores), more than a small model's training")
     num_workers: int = Field(1, description="Ray Train workers (data-parallel ranks) per model")
     cpus_per_worker: float = Field(1.0, description="CPUs Ray reserves for each worker")
     use_gpu: bool = Field(False, description="one GPU per worker and NCCL; else CPU and gloo")
@@ -54,6 +64,11 @@ class DistillConfig(BaseModel):
     storage_path: str | None = Field(
         None, description="Ray Train storage for the run (shared storage on multi-node "
         "clusters); None = a temp dir on the driver, removed after the checkpoint is copied out")
+
+    def ingest_on_driver(self, n_rows: int) -> bool:
+        """Whether `n_rows` SFT rows per model are read and tokenized on the driver."""
+        return self.ingest == "driver" or (self.ingest == "auto"
+                                           and n_rows <= DRIVER_INGEST_MAX_ROWS)
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:

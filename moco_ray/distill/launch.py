@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -65,43 +66,81 @@ def prepare(job: DistillJob, cfg: DistillConfig):
     return ray.data.from_items(rows)
 
 
-def _fit(job: DistillJob, dataset, cfg: DistillConfig) -> CheckpointInfo:
+def check_distinct(jobs, what: str) -> None:
+    """Every job has its own name and its own out_dir."""
+    names = [j.model for j in jobs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"duplicate {what} names {dup}; each job needs its own name")
+    outs = [str(Path(j.out_dir).resolve()) for j in jobs]
+    if len(set(outs)) != len(outs):
+        raise ValueError(f"two jobs share an out_dir ({outs}); give each {what} its own")
+
+
+def fit_to_dir(train_fn, loop_config: dict, model: str, out_dir: str, cfg: DistillConfig,
+               run_name: str, datasets: dict | None = None) -> CheckpointInfo:
+    """One Ray Train run (`TorchTrainer` over `cfg.num_workers` workers, gloo on CPU, NCCL on
+    GPU); its checkpoint is copied to `out_dir` and verified."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from moco_ray.distill.trainer import train_worker
-
-    storage = cfg.storage_path or tempfile.mkdtemp(prefix=f"moco_distill_{job.model}_")
+    storage = cfg.storage_path or tempfile.mkdtemp(prefix=f"moco_{run_name}_")
     trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "model_name": job.model,
-                           "base_model_dir": str(Path(job.base_model_dir).resolve())},
+        train_fn, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"distill-{job.model}-{int(time.time() * 1000)}",
-                             storage_path=storage),
-        datasets={"train": dataset})
+        run_config=RunConfig(name=f"{run_name}-{time.time_ns()}", storage_path=storage),
+        datasets=datasets)
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
         seconds = time.perf_counter() - t0
         if result.checkpoint is None:
-            raise RuntimeError(f"job {job.model!r}: training ended without a checkpoint")
-        result.checkpoint.to_directory(job.out_dir)
+            raise RuntimeError(f"job {model!r}: {run_name} ended without a checkpoint")
+        result.checkpoint.to_directory(out_dir)
     finally:
         if cfg.storage_path is None:
             shutil.rmtree(storage, ignore_errors=True)  # our own temp dir: the copy is out
-    return _info(job, verify_checkpoint(job.out_dir), seconds)
+    return checkpoint_info(model, out_dir, seconds)
 
 
-def _info(job: DistillJob, manifest: dict, seconds: float) -> CheckpointInfo:
+def checkpoint_info(model: str, out_dir: str, seconds: float) -> CheckpointInfo:
+    """Verify the checkpoint in `out_dir` and describe it."""
+    manifest = verify_checkpoint(out_dir)
     return CheckpointInfo(
-        model=job.model, path=str(Path(job.out_dir).resolve()), base_model=manifest["base_model"],
+        model=model, path=str(Path(out_dir).resolve()), base_model=manifest["base_model"],
         method=manifest["method"], output=manifest["output"], steps=manifest["steps"],
         final_loss=manifest["final_loss"], losses=manifest["losses"], seconds=seconds,
         train_entered=manifest["train_entered"], train_started=manifest["train_started"],
         train_finished=manifest["train_finished"])
+
+
+def run_parallel(jobs: list, fit: Callable[[Any], CheckpointInfo],
+                 what: str) -> dict[str, CheckpointInfo]:
+    """`fit(job)` for every job at once, each from its own driver thread; {job.model: info}.
+    If some fail, the others still finish and one error names every failed job."""
+    results: dict[str, CheckpointInfo] = {}
+    errors: dict[str, BaseException] = {}
+    lock = threading.Lock()
+
+    def run(job) -> None:
+        try:
+            info = fit(job)
+        except Exception as e:  # noqa: BLE001 (kept, re-raised below once the others finish)
+            with lock:
+                errors[job.model] = e
+            return
+        with lock:
+            results[job.model] = info
+
+    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix=what) as pool:
+        list(pool.map(run, jobs))
+    if errors:
+        first = next(iter(errors.values()))
+        raise RuntimeError(f"{what} failed for " + ", ".join(
+            f"{m}: {type(e).__name__}: {e}" for m, e in errors.items())) from first
+    return {j.model: results[j.model] for j in jobs}
 
 
 def distill_all(jobs: list[tuple] | list[DistillJob],
@@ -110,37 +149,20 @@ def distill_all(jobs: list[tuple] | list[DistillJob],
     driver thread) and return {model: CheckpointInfo}. Jobs are (model, base_model_dir,
     rows_or_dataset, out_dir[, cfg]) tuples or DistillJobs. Every job is checked before any
     starts; if some fail, the others still finish and one error names every failed model."""
+    from moco_ray.distill.trainer import train_worker
+
     jobs = [DistillJob(*j) for j in jobs]
-    names = [j.model for j in jobs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"duplicate model names {dup}; each job needs its own name")
-    outs = [str(Path(j.out_dir).resolve()) for j in jobs]
-    if len(set(outs)) != len(outs):
-        raise ValueError(f"two jobs share an out_dir ({outs}); give each model its own")
+    check_distinct(jobs, "model")
     jobs = [j._replace(cfg=j.cfg or cfg) for j in jobs]
-    datasets = [prepare(j, j.cfg) for j in jobs]
-    results: dict[str, CheckpointInfo] = {}
-    errors: dict[str, BaseException] = {}
-    lock = threading.Lock()
+    datasets = {j.model: prepare(j, j.cfg) for j in jobs}
 
-    def run(job: DistillJob, ds) -> None:
-        try:
-            info = _fit(job, ds, job.cfg)
-        except Exception as e:  # noqa: BLE001 (kept, re-raised below once the others finish)
-            with lock:
-                errors[job.model] = e
-            return
-        with lock:
-            results[job.model] = info
+    def fit(job: DistillJob) -> CheckpointInfo:
+        config = {"cfg": job.cfg.model_dump(mode="json"), "model_name": job.model,
+                  "base_model_dir": str(Path(job.base_model_dir).resolve())}
+        return fit_to_dir(train_worker, config, job.model, job.out_dir, job.cfg,
+                          f"distill-{job.model}", datasets={"train": datasets[job.model]})
 
-    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="distill") as pool:
-        list(pool.map(run, jobs, datasets))
-    if errors:
-        first = next(iter(errors.values()))
-        raise RuntimeError("distillation failed for " + ", ".join(
-            f"{m}: {type(e).__name__}: {e}" for m, e in errors.items())) from first
-    return {n: results[n] for n in names}
+    return run_parallel(jobs, fit, "distillation")
 
 
 def distill_local(model: str, base_model_dir: str, rows: list[dict], out_dir: str,
@@ -161,4 +183,4 @@ def distill_local(model: str, base_model_dir: str, rows: list[dict], out_dir: st
     t0 = time.perf_counter()
     state = run_training(cfg, base_model_dir, tokenized)
     save_checkpoint(state, cfg, base_model_dir, model, out_dir)
-    return _info(job, verify_checkpoint(out_dir), time.perf_counter() - t0)
+    return checkpoint_info(model, out_dir, time.perf_counter() - t0)

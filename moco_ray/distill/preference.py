@@ -28,19 +28,17 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moco_ray.distill.checkpoint import CheckpointInfo, verify_checkpoint, write_manifest
+from moco_ray.distill.checkpoint import CheckpointInfo, write_manifest
 from moco_ray.distill.config import DistillConfig, deepspeed_config
+from moco_ray.distill.launch import check_distinct, checkpoint_info, fit_to_dir, run_parallel
 
 RewardFn = Callable[[str, dict], float]
 Kind = Literal["dpo", "grpo"]
@@ -375,78 +373,22 @@ def _check_job(job: PreferenceJob) -> None:
                                 "adapter_config.json")
 
 
-def _info(job: PreferenceJob, manifest: dict, seconds: float) -> CheckpointInfo:
-    return CheckpointInfo(
-        model=job.model, path=str(Path(job.out_dir).resolve()), base_model=manifest["base_model"],
-        method=manifest["method"], output=manifest["output"], steps=manifest["steps"],
-        final_loss=manifest["final_loss"], losses=manifest["losses"], seconds=seconds,
-        train_entered=manifest["train_entered"], train_started=manifest["train_started"],
-        train_finished=manifest["train_finished"])
-
-
-def _fit(kind: Kind, job: PreferenceJob, cfg: DistillConfig, beta: float,
-         settings: GRPOSettings | None, reward_fn: RewardFn | None) -> CheckpointInfo:
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    storage = cfg.storage_path or tempfile.mkdtemp(prefix=f"moco_{kind}_{job.model}_")
-    trainer = TorchTrainer(
-        preference_worker,
-        train_loop_config={
-            "kind": kind, "cfg": cfg.model_dump(mode="json"), "model_name": job.model,
-            "base_model_dir": str(Path(job.base_model_dir).resolve()), "rows": job.rows,
-            "beta": beta, "settings": settings.model_dump() if settings else None,
-            "reward_fn": reward_fn, "init_adapter": job.init_adapter},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"{kind}-{job.model}-{time.time_ns()}", storage_path=storage))
-    t0 = time.perf_counter()
-    try:
-        result = trainer.fit()
-        seconds = time.perf_counter() - t0
-        if result.checkpoint is None:
-            raise RuntimeError(f"job {job.model!r}: {kind} training ended without a checkpoint")
-        result.checkpoint.to_directory(job.out_dir)
-    finally:
-        if cfg.storage_path is None:
-            shutil.rmtree(storage, ignore_errors=True)
-    return _info(job, verify_checkpoint(job.out_dir), seconds)
-
-
 def _run_all(kind: Kind, jobs: list[PreferenceJob], cfg: DistillConfig, beta: float,
              settings: GRPOSettings | None, reward_fn: RewardFn | None
              ) -> dict[str, CheckpointInfo]:
-    names = [j.model for j in jobs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"duplicate adapter names {dup}; each job needs its own name")
-    outs = [str(Path(j.out_dir).resolve()) for j in jobs]
-    if len(set(outs)) != len(outs):
-        raise ValueError(f"two jobs share an out_dir ({outs}); give each adapter its own")
+    check_distinct(jobs, "adapter")
     for j in jobs:
         _check_job(j)
-    results: dict[str, CheckpointInfo] = {}
-    errors: dict[str, BaseException] = {}
-    lock = threading.Lock()
 
-    def run(job: PreferenceJob) -> None:
-        try:
-            info = _fit(kind, job, cfg, beta, settings, reward_fn)
-        except Exception as e:  # noqa: BLE001 (re-raised below once the others finish)
-            with lock:
-                errors[job.model] = e
-            return
-        with lock:
-            results[job.model] = info
+    def fit(job: PreferenceJob) -> CheckpointInfo:
+        config = {"kind": kind, "cfg": cfg.model_dump(mode="json"), "model_name": job.model,
+                  "base_model_dir": str(Path(job.base_model_dir).resolve()), "rows": job.rows,
+                  "beta": beta, "settings": settings.model_dump() if settings else None,
+                  "reward_fn": reward_fn, "init_adapter": job.init_adapter}
+        return fit_to_dir(preference_worker, config, job.model, job.out_dir, cfg,
+                          f"{kind}-{job.model}")
 
-    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix=kind) as pool:
-        list(pool.map(run, jobs))
-    if errors:
-        first = next(iter(errors.values()))
-        raise RuntimeError(f"{kind} training failed for " + ", ".join(
-            f"{m}: {type(e).__name__}: {e}" for m, e in errors.items())) from first
-    return {n: results[n] for n in names}
+    return run_parallel(jobs, fit, f"{kind} training")
 
 
 def _check_beta(beta: float) -> None:
@@ -513,7 +455,7 @@ def train_local(kind: Kind, model: str, base_model_dir: str, rows: list[dict], o
     t0 = time.perf_counter()
     run_preference(kind, cfg, base_model_dir, checked, out_dir, beta=beta, settings=settings,
                    reward_fn=reward_fn, init_adapter=init_adapter, model_name=model)
-    return _info(job, verify_checkpoint(out_dir), time.perf_counter() - t0)
+    return checkpoint_info(model, out_dir, time.perf_counter() - t0)
 
 
 # --- evaluation helpers ---------------------------------------------------------------------

@@ -80,6 +80,7 @@ class LogitGroupServer:
         # requests with equal settings are batched into that one decode.
         self.batch_window_s = 0.005
         self.max_batch_requests = 64
+        self.largest_batch = 0  # most calls decoded together so far (see info)
         self._pending: list[tuple] = []
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
@@ -92,7 +93,7 @@ class LogitGroupServer:
     def info(self) -> dict:
         return {"name": self.name, "models": self.members, "paths": self.paths,
                 "version": self.version, "versions": dict(self.versions),
-                "weights": dict(self.weights)}
+                "weights": dict(self.weights), "largest_batch": self.largest_batch}
 
     async def apply_version(self, model: str, target: WeightVersion) -> int:
         """Load member `model`'s `target` weights in place (swap.py broadcasts this to the group
@@ -159,6 +160,7 @@ class LogitGroupServer:
                 batch = [r for r in self._pending if r[0] == key][:self.max_batch_requests]
                 self._pending = [r for r in self._pending if not any(r is b for b in batch)]
                 texts = [t for r in batch for t in r[1]]
+                self.largest_batch = max(self.largest_batch, len(batch))
                 t0 = time.perf_counter()
                 try:
                     rows = await asyncio.to_thread(

@@ -152,7 +152,8 @@ class ModelPool:
             targets.append(RunTarget(app, name=self.app_name(m.name), route_prefix=f"/{m.name}"))
         for g in self.config.logit_groups:
             dep = LogitGroupServer.options(
-                ray_actor_options={"num_cpus": g.num_cpus, "num_gpus": g.num_gpus})
+                ray_actor_options={"num_cpus": g.num_cpus, "num_gpus": g.num_gpus},
+                max_ongoing_requests=g.max_ongoing_requests)
             app = dep.bind(g.name, {n: self.paths[n] for n in g.models}, dtype=g.dtype,
                            seed=self.seed, swap_registry=registry)
             targets.append(RunTarget(app, name=self.app_name(g.name), route_prefix=None))

@@ -6,7 +6,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from moco_ray.records import SamplingParams
 from moco_ray.strategies.base import ExampleContext, Strategy, StrategyContext
@@ -33,6 +33,20 @@ class SamplingFields(Strategy.Params):
         return SamplingParams(max_tokens=self.max_tokens or task.max_tokens,
                               temperature=self.temperature, top_p=self.top_p, seed=seed,
                               logprobs=logprobs)
+
+
+class MultiSampleFields(SamplingFields):
+    """SamplingFields plus `samples_per_model` (subclasses set its default), refusing several
+    greedy samples: at temperature 0 they would all be the same."""
+
+    samples_per_model: int = Field(1, ge=1, description="sampled answers per model")
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self):
+        if self.samples_per_model > 1 and self.temperature == 0:
+            raise ValueError(f"samples_per_model={self.samples_per_model} with temperature=0 "
+                             "gives identical samples; set temperature > 0")
+        return self
 
 
 async def over_dev(ctx: StrategyContext, dev: DevSplit, limit: int | None,

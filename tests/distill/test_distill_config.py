@@ -41,3 +41,16 @@ def test_deepspeed_config_follows_the_settings():
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 3
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": False}
     assert DistillConfig(num_workers=2, batch_size=2, grad_accum=3).rows_per_step == 12
+
+
+def test_ingest_auto_reads_small_data_on_the_driver_and_streams_large_data():
+    from moco_ray.distill.config import DRIVER_INGEST_MAX_ROWS
+
+    auto = DistillConfig()
+    assert auto.ingest == "auto"
+    assert auto.ingest_on_driver(DRIVER_INGEST_MAX_ROWS)
+    assert not auto.ingest_on_driver(DRIVER_INGEST_MAX_ROWS + 1)
+    assert DistillConfig(ingest="driver").ingest_on_driver(10 ** 9)
+    assert not DistillConfig(ingest="ray_data").ingest_on_driver(1)
+    with pytest.raises(ValidationError, match="ingest"):
+        DistillConfig(ingest="pandas")

@@ -183,6 +183,22 @@ def test_fused_generate_matches_the_single_model_at_one_hot_weights(pool):
         asyncio.run(client.fused_generate("duo", ["x"], params, "bogus", [1.0, 1.0]))
 
 
+def test_concurrent_fused_calls_decode_as_one_batch(pool):
+    """Calls beyond Serve's default of 5 ongoing requests reach the group and share a batch."""
+    client = pool.client()
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+
+    async def go():
+        outs = await asyncio.gather(*(client.fused_generate("duo", [f"word {i}"], params,
+                                                            "fusion", [1.0, 1.0])
+                                      for i in range(24)))
+        return outs, await client.group_handle("duo").info.remote()
+
+    outs, info = asyncio.run(go())
+    assert all(len(o) == 1 and o[0].completion_tokens >= 1 for o in outs)
+    assert info["largest_batch"] > 5
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_load_weights_bumps_the_version_in_lineage(pool, tmp_path, model):
     h = pool.handle(model)

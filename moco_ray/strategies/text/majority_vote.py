@@ -9,11 +9,11 @@ import asyncio
 from collections import Counter
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from moco_ray.records import Generation
 from moco_ray.strategies.base import Answer, ExampleContext, Strategy, StrategyContext, register
-from moco_ray.strategies.common import SamplingFields, over_dev
+from moco_ray.strategies.common import MultiSampleFields, over_dev
 from moco_ray.tasks.base import DevSplit, Example
 
 
@@ -22,20 +22,12 @@ class MajorityVote(Strategy):
     level = "text"
     summary = "each model answers; the most frequent extracted answer wins"
 
-    class Params(SamplingFields):
-        samples_per_model: int = Field(1, ge=1, description="sampled answers per model")
+    class Params(MultiSampleFields):
         tie_break: Literal["random", "dev_best"] = Field(
             "random", description="'random' (seeded) or 'dev_best': the tied answer of the "
                                   "voter with the best dev accuracy")
         dev_size: int | None = Field(None, ge=1, description="dev examples for 'dev_best' "
                                                               "(None: all)")
-
-        @model_validator(mode="after")
-        def _samples_need_sampling(self):
-            if self.samples_per_model > 1 and self.temperature == 0:
-                raise ValueError(f"samples_per_model={self.samples_per_model} with temperature=0 "
-                                 "gives identical samples; set temperature > 0")
-            return self
 
     async def fit(self, ctx: StrategyContext, dev: DevSplit) -> None:
         if self.params.tie_break != "dev_best":

@@ -14,10 +14,10 @@ import asyncio
 from collections import Counter
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from moco_ray.strategies.base import Answer, ExampleContext, Strategy, StrategyContext, register
-from moco_ray.strategies.common import SamplingFields
+from moco_ray.strategies.common import MultiSampleFields
 from moco_ray.strategies.text._shared import answer_of, dev_accuracy
 from moco_ray.tasks.base import DevSplit, Example
 
@@ -27,21 +27,13 @@ class SLMMux(Strategy):
     level = "text"
     summary = "the model whose own samples agree most answers with its majority answer"
 
-    class Params(SamplingFields):
+    class Params(MultiSampleFields):
         samples_per_model: int = Field(5, ge=1, description="samples per model (reference: 5)")
         tie_break: Literal["dev_best", "model_order", "random"] = Field(
             "dev_best", description="among equally confident models: best dev accuracy "
                                     "(reference), job order, or seeded random")
         dev_size: int | None = Field(None, ge=1, description="dev examples for 'dev_best' "
                                                               "(None: all)")
-
-        @model_validator(mode="after")
-        def _samples_need_sampling(self):
-            if self.samples_per_model > 1 and self.temperature == 0:
-                raise ValueError(f"samples_per_model={self.samples_per_model} with temperature=0 "
-                                 "gives identical samples, so every model is fully confident; "
-                                 "set temperature > 0")
-            return self
 
     async def fit(self, ctx: StrategyContext, dev: DevSplit) -> None:
         if self.params.tie_break == "dev_best":
