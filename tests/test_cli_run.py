@@ -68,6 +68,8 @@ def test_run_tiny_pool_all_first_strategies(tmp_path, _zoo_cache):
                                             ("reverser", "maxer", "sorter")), mean
 
 
+# Slow (over 4 min on 2 cores): the default suite covers SmolLM2 through tests/engines.
+@pytest.mark.slow
 @pytest.mark.skipif(not default_data_dir().is_dir(), reason="../shared/data/moco is absent")
 def test_run_smollm2_on_moco_tasks_vllm(tmp_path, _zoo_cache):
     res = _run(["run", str(ROOT / "configs/sweeps/smollm2_moco.yaml"), "--output-dir",
