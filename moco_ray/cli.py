@@ -25,8 +25,14 @@ def _load(config: Path):
 
 @app.command()
 def run(config: Path = typer.Argument(..., help="run config YAML (pool, tasks, jobs)"),
-        output_dir: str = typer.Option(None, help="override output_dir of the config")) -> None:
-    """Run every strategy x task of CONFIG on one pool; write records (Parquet) and a summary."""
+        output_dir: str = typer.Option(None, help="override output_dir of the config"),
+        fresh: bool = typer.Option(False, "--fresh", help="run every job again, ignoring the "
+                                   "jobs a previous run of this config saved")) -> None:
+    """Run every strategy x task of CONFIG on one pool; write records (Parquet) and a summary.
+
+    Each job's records are saved as it ends (OUTPUT_DIR/RUN_NAME/jobs/); running the same config
+    again runs only the jobs not yet finished (a job whose spec, task or pool changed runs again).
+    """
     from moco_ray.sweep import JobsFailed, run_config
 
     cfg = _load(config)
@@ -41,8 +47,15 @@ def run(config: Path = typer.Argument(..., help="run config YAML (pool, tasks, j
                 bars[st.job] = progress.add_task(st.job, total=st.total)
             progress.update(bars[st.job], completed=st.done)
 
+        def on_resumed(saved, total):
+            if saved:
+                console.print(f"{saved} of {total} jobs already finished in "
+                              f"{Path(cfg.output_dir) / cfg.run_name}/jobs: running the other "
+                              f"{total - saved} (--fresh runs all)")
+
         try:
-            result = run_config(cfg, on_progress=on_progress)
+            result = run_config(cfg, on_progress=on_progress, resume=not fresh,
+                                on_resumed=on_resumed)
         except JobsFailed as e:
             console.print(f"[red]{e}[/red]")
             raise typer.Exit(1) from None

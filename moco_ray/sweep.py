@@ -62,12 +62,14 @@ def init_ray(num_cpus: int | None = None) -> None:
              log_to_driver=False)
 
 
+def job_ids(cfg: RunConfig) -> list[tuple[str, JobSpec, str]]:
+    """(job id, job spec, task name) for every strategy x task of `cfg`, in config order."""
+    return [(f"{i}-{j.name or j.strategy}-{t.name}", j, t.name)
+            for i, j in enumerate(cfg.jobs) for t in cfg.tasks]
+
+
 def job_requests(cfg: RunConfig, tasks: dict[str, Task]) -> list[JobRequest]:
-    reqs = []
-    for i, j in enumerate(cfg.jobs):
-        for t in cfg.tasks:
-            reqs.append(job_request(cfg, j, tasks[t.name], f"{i}-{j.name or j.strategy}-{t.name}"))
-    return reqs
+    return [job_request(cfg, j, tasks[t], job_id) for job_id, j, t in job_ids(cfg)]
 
 
 def job_request(cfg, job: JobSpec, task: Task, job_id: str, generation: int = 0,
@@ -108,14 +110,18 @@ def summarize(records: list[Record], jobs: list[JobStatus]) -> list[SummaryRow]:
 
 def run_jobs(coordinator, reqs: list[JobRequest],
              on_progress: Callable[[JobStatus, int], None] | None = None,
-             max_jobs: int | None = None) -> tuple[list[Record], list[JobStatus]]:
+             max_jobs: int | None = None,
+             on_done: Callable[[JobStatus, list[Record]], None] | None = None,
+             ) -> tuple[list[Record], list[JobStatus]]:
     """Submit the jobs (all at once, or at most `max_jobs` in flight, the next one as soon as
-    one ends; they share the pool) and stream their records back."""
+    one ends; they share the pool) and stream their records back. `on_done` gets each job's
+    final status and all its records as soon as it ends (to save them then)."""
     import ray
 
     waiting = list(reqs)
     live: list[str] = []
     records: list[Record] = []
+    per_job: dict[str, list[Record]] = defaultdict(list)
     final: dict[str, JobStatus] = {}
     while len(final) < len(reqs):
         room = len(waiting) if max_jobs is None else max(0, max_jobs - len(live))
@@ -125,11 +131,14 @@ def run_jobs(coordinator, reqs: list[JobRequest],
         for job, (recs, st) in zip(list(live),
                                    ray.get([coordinator.poll.remote(j, 0.5) for j in live])):
             records += recs
+            per_job[job] += recs
             if on_progress:
                 on_progress(st, len(recs))
             if st.state != "running":
                 final[job] = st
                 live.remove(job)
+                if on_done:
+                    on_done(st, per_job.pop(job))
     failed = [s for s in final.values() if s.state == "failed"]
     if failed:
         # Keep what finished: the caller writes the records before raising.
@@ -143,9 +152,68 @@ class JobsFailed(RuntimeError):
         super().__init__("jobs failed:\n" + "\n".join(f"{s.job}: {s.error}" for s in failed))
 
 
-def run_config(cfg: RunConfig, on_progress=None, pool=None) -> SweepResult:
+class JobStore:
+    """Each finished job of a run, saved the moment it ends: `<out_dir>/jobs/<job>.parquet`
+    (its records) and `<job>.json` (its status and a fingerprint of everything that fixes its
+    result: job spec, task spec, pool, seed). A rerun of the same config takes a saved job back
+    instead of running it again; a job whose fingerprint changed (other params, other models)
+    runs again. So a run cut off (killed, out of time) loses only the jobs in flight."""
+
+    def __init__(self, out_dir: Path, cfg: RunConfig):
+        self.dir = Path(out_dir) / "jobs"
+        self.cfg = cfg
+
+    def fingerprint(self, spec: JobSpec, task_name: str) -> str:
+        import hashlib
+        import json
+
+        task = next(t for t in self.cfg.tasks if t.name == task_name)
+        key = {"job": spec.model_dump(mode="json"), "task": task.model_dump(mode="json"),
+               "pool": self.cfg.pool.model_dump(mode="json"), "seed": self.cfg.seed}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _paths(self, job_id: str) -> tuple[Path, Path]:
+        return self.dir / f"{job_id}.parquet", self.dir / f"{job_id}.json"
+
+    def load(self, job_id: str, fingerprint: str) -> tuple[list[Record], JobStatus] | None:
+        """The saved records and status of `job_id`, if it finished with this fingerprint."""
+        import json
+
+        from moco_ray.outputs import read_records
+
+        data, meta = self._paths(job_id)
+        if not (data.exists() and meta.exists()):
+            return None
+        saved = json.loads(meta.read_text())
+        if saved.get("fingerprint") != fingerprint:
+            return None
+        return read_records(data), JobStatus.model_validate(saved["status"])
+
+    def save(self, status: JobStatus, records: list[Record], fingerprint: str) -> None:
+        """Write atomically (temp file, then rename): a kill mid-write leaves no half job."""
+        import json
+
+        import pyarrow.parquet as pq
+
+        from moco_ray.outputs import records_to_table
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        data, meta = self._paths(status.job)
+        tmp = data.with_suffix(".parquet.tmp")
+        pq.write_table(records_to_table(records), tmp)
+        tmp.replace(data)
+        tmp = meta.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"fingerprint": fingerprint,
+                                   "status": status.model_dump(mode="json")}, indent=1))
+        tmp.replace(meta)
+
+
+def run_config(cfg: RunConfig, on_progress=None, pool=None, resume: bool = True,
+               on_resumed: Callable[[int, int], None] | None = None) -> SweepResult:
     """Run every job of `cfg`; `pool` reuses a started ModelPool (else one is started and
-    shut down here)."""
+    shut down here). Each job's records are saved as it ends; with `resume`, jobs a previous
+    run of the same config finished are taken from there, not run again (`on_resumed(n_saved,
+    n_jobs)` is told how many), and if none is left no pool starts."""
     import ray
 
     from moco_ray.outputs import write_records
@@ -153,26 +221,54 @@ def run_config(cfg: RunConfig, on_progress=None, pool=None) -> SweepResult:
 
     tasks = load_tasks(cfg)
     out_dir = Path(cfg.output_dir) / cfg.run_name
+    store = JobStore(out_dir, cfg)
+    reqs = job_requests(cfg, tasks)
+    prints = {job_id: store.fingerprint(j, t) for job_id, j, t in job_ids(cfg)}
+    saved: dict[str, tuple[list[Record], JobStatus]] = {}
+    if resume:
+        for r in reqs:
+            got = store.load(r.job, prints[r.job])
+            if got is not None:
+                saved[r.job] = got
+    if on_resumed:
+        on_resumed(len(saved), len(reqs))
+    todo = [r for r in reqs if r.job not in saved]
+    records = [rec for recs, _ in saved.values() for rec in recs]
+    statuses = {job: st for job, (_, st) in saved.items()}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+
+    def finish() -> SweepResult:
+        write_records(records, out_dir / f"records-{stamp}")
+        jobs = [statuses[r.job] for r in reqs]
+        return SweepResult(out_dir=str(out_dir), records=records,
+                           summary=summarize(records, jobs), jobs=jobs)
+
     init_ray()
+    if not todo:
+        return finish()
+
+    def on_done(st: JobStatus, recs: list[Record]) -> None:
+        if st.state == "done":
+            store.save(st, recs, prints[st.job])
+
     own_pool = pool is None
     pool = pool or ModelPool(cfg.pool, seed=cfg.seed)
     try:
         if own_pool:
             pool.start()
         coord = Coordinator.remote(pool.client())
-        stamp = time.strftime("%Y%m%d-%H%M%S")
         try:
-            records, jobs = run_jobs(coord, job_requests(cfg, tasks), on_progress,
-                                      max_jobs=cfg.max_jobs)
+            new, jobs = run_jobs(coord, todo, on_progress, max_jobs=cfg.max_jobs,
+                                 on_done=on_done)
         except JobsFailed as e:
-            if e.records:
-                write_records(e.records, out_dir / f"records-{stamp}-partial")
+            if e.records or records:
+                write_records(records + e.records, out_dir / f"records-{stamp}-partial")
             raise
         finally:
             ray.kill(coord)
-        write_records(records, out_dir / f"records-{stamp}")
-        return SweepResult(out_dir=str(out_dir), records=records,
-                           summary=summarize(records, jobs), jobs=jobs)
+        records += new
+        statuses.update({s.job: s for s in jobs})
+        return finish()
     finally:
         if own_pool:
             pool.shutdown()

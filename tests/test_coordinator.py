@@ -159,3 +159,73 @@ def test_run_jobs_keeps_at_most_max_jobs_in_flight(ray_session, max_jobs):
     peak = max(rec.meta["peak"] for rec in records)
     assert 8 * (max_jobs - 1) < peak <= 8 * max_jobs
     ray.kill(coord)
+
+
+class _PoolHandle:
+    """Stands in for a started ModelPool: `run_config` only asks it for a client."""
+
+    def __init__(self, client):
+        self._client = client
+
+    def client(self):
+        return self._client
+
+
+def test_run_config_saves_each_job_and_resumes_only_unfinished(ray_session, tmp_path,
+                                                               monkeypatch):
+    from moco_ray.config import JobSpec, ModelSpec, PoolConfig, RunConfig, TaskSpec
+    from moco_ray.sweep import run_config
+
+    cfg = RunConfig(
+        run_name="resume", output_dir=str(tmp_path), pool=PoolConfig(models=[
+            ModelSpec(name="m0", path="unused"), ModelSpec(name="m1", path="unused")]),
+        tasks=[TaskSpec(name="reverse", source="synthetic", dev_limit=3, test_limit=4)],
+        jobs=[JobSpec(strategy="test_ask_all", name="a"),
+              JobSpec(strategy="test_ask_all", name="b", models=["m0"])])
+    ran: set[str] = set()
+
+    def run(c, **kw):
+        return run_config(c, pool=_PoolHandle(ScriptedPool(["m0", "m1"])),
+                          on_progress=lambda st, _n: ran.add(st.job), **kw)
+
+    first = run(cfg)
+    assert ran == {"0-a-reverse", "1-b-reverse"} and len(first.records) == 8
+    jobs_dir = tmp_path / "resume" / "jobs"
+    assert sorted(p.name for p in jobs_dir.iterdir()) == [
+        "0-a-reverse.json", "0-a-reverse.parquet", "1-b-reverse.json", "1-b-reverse.parquet"]
+
+    # Cut off before job b was saved: a rerun runs b only and keeps a's records as they were.
+    for p in jobs_dir.glob("1-b-*"):
+        p.unlink()
+    ran.clear()
+    second = run(cfg)
+    assert ran == {"1-b-reverse"}
+    key = lambda r: (r.job, r.example_id)  # noqa: E731
+    assert sorted(map(key, second.records)) == sorted(map(key, first.records))
+    a_first = {r.example_id: r.model_dump() for r in first.records if r.job == "0-a-reverse"}
+    a_second = {r.example_id: r.model_dump() for r in second.records if r.job == "0-a-reverse"}
+    assert a_first == a_second
+    assert {(s.strategy, s.n) for s in second.summary} == {(s.strategy, s.n)
+                                                          for s in first.summary}
+
+    # A changed job (other models) runs again; so does every job under --fresh.
+    changed = cfg.model_copy(update={"jobs": [cfg.jobs[0], JobSpec(
+        strategy="test_ask_all", name="b", models=["m1"])]})
+    ran.clear()
+    third = run(changed)
+    assert ran == {"1-b-reverse"}
+    assert {r.output for r in third.records if r.job == "1-b-reverse"} == {"m1"}
+    ran.clear()
+    run(changed, resume=False)
+    assert ran == {"0-a-reverse", "1-b-reverse"}
+
+    # All saved: no pool is started at all.
+    import moco_ray.pool.pool as pool_mod
+
+    def no_pool(*a, **k):
+        raise AssertionError("a pool was started although every job was saved")
+
+    monkeypatch.setattr(pool_mod, "ModelPool", no_pool)
+    told = []
+    last = run_config(changed, on_resumed=lambda n, total: told.append((n, total)))
+    assert told == [(2, 2)] and len(last.records) == 8
