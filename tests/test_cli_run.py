@@ -83,3 +83,32 @@ def test_run_smollm2_on_moco_tasks_vllm(tmp_path, _zoo_cache):
     # A real instruct model writes real text (not empty, not one repeated token).
     texts = [r.output for r in vllm_recs]
     assert sum(len(set(t.split())) > 5 for t in texts) >= len(texts) // 2, texts
+
+
+# Slow (about 15 min on 2 cores): every method through `moco-ray run` on one tiny pool, then a
+# rerun of the same config that takes every job back from the run's saved jobs.
+@pytest.mark.slow
+def test_run_every_method_on_tiny_pool_and_resume(tmp_path, _zoo_cache):
+    from moco_ray.strategies.base import list_strategies
+
+    cfg = ROOT / "configs/sweeps/tiny_all_methods.yaml"
+    out = tmp_path / "runs"
+    res = _run(["run", str(cfg), "--output-dir", str(out)], {"MOCO_RAY_CACHE": _zoo_cache},
+               timeout=3000)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    recs = _records(out / "tiny-all-methods")
+    assert {r.strategy for r in recs} == set(list_strategies())
+    assert len(recs) == 31 * 2 * 8 and all(r.trace and r.score is not None for r in recs)
+    # Every job was saved as it ended; the rerun runs none of them and starts no pool.
+    assert len(list((out / "tiny-all-methods" / "jobs").glob("*.parquet"))) == 31 * 2
+    for p in (out / "tiny-all-methods").glob("records-*"):
+        import shutil
+
+        shutil.rmtree(p)
+    t0 = time.monotonic()
+    again = _run(["run", str(cfg), "--output-dir", str(out)], {"MOCO_RAY_CACHE": _zoo_cache})
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "62 of 62 jobs already finished" in again.stdout
+    assert time.monotonic() - t0 < 120
+    assert sorted((r.job, r.example_id, r.output) for r in _records(out / "tiny-all-methods")) \
+        == sorted((r.job, r.example_id, r.output) for r in recs)

@@ -39,6 +39,16 @@ def test_every_shipped_config_parses(path):
     load_config(path)
 
 
+@pytest.mark.parametrize("sweep", ["tiny_all_methods.yaml", "smollm2_all_methods.yaml"])
+def test_all_methods_sweeps_cover_every_registered_strategy(sweep):
+    """A method added to the registry must join both all-methods sweeps (tiny pool, SmolLM2)."""
+    from moco_ray.strategies.base import list_strategies
+
+    cfg = load_config(ROOT / "configs" / "sweeps" / sweep)
+    assert {j.strategy for j in cfg.jobs} == set(list_strategies())
+    assert len(list_strategies()) == 29  # the 28 MoCo methods and `single`
+
+
 def test_valid_base_config():
     cfg = parse_config(_base())
     assert [m.name for m in cfg.pool.models] == ["a", "b"]

@@ -196,6 +196,12 @@ def test_dev_best_picks_the_adapter_with_the_best_dev_accuracy(toy, fake_dpo):
     assert final["dev_accuracy"]["c@1"] == 1.0 and final["dev_accuracy"]["c@0"] == 0.0
 
 
+def test_sparta_dpo_training_is_seeded_by_the_job_seed(toy, fake_dpo):
+    ctx, _ = lora_pool(toy, MODELS, fair_respond, n_dev=4, seed=7)
+    asyncio.run(Sparta({"final": "reputation"}).fit_checked(ctx, ctx.task.dev))
+    assert fake_dpo[0]["cfg"].seed == 7  # not DistillConfig's default 0 for every job
+
+
 def test_sparta_refuses_small_pools_and_bad_params(toy):
     ctx, _ = toy(["a", "b"], fair_respond)
     with pytest.raises(ValueError, match="at least 3 models"):
@@ -325,6 +331,12 @@ def test_agglm_solve_aggregates_every_candidate_with_the_adapter(toy, fake_grpo)
     assert agg.params.max_tokens == 512
     assert ans.output == "aggregated by z lora=/adapters/agglm-z Answer: 7"
     assert ans.meta["candidates"]["c"].startswith("sol-c")
+
+
+def test_agglm_grpo_training_is_seeded_by_the_job_seed(toy, fake_grpo):
+    ctx, _ = lora_pool(toy, AGG_MODELS, agg_respond, n_dev=4, seed=7)
+    asyncio.run(AggLM({}).fit_checked(ctx, ctx.task.dev))
+    assert fake_grpo[0]["cfg"].seed == 7  # not DistillConfig's default 0 for every job
 
 
 def test_majority_and_params(toy):

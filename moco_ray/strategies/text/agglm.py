@@ -133,7 +133,7 @@ class AggLM(Strategy):
                                  "groups); fix: batch_size=num_generations")
             return self
 
-    def grpo_config(self, max_tokens: int):
+    def grpo_config(self, max_tokens: int, seed: int = 0):
         from moco_ray.distill.preference import GRPOSettings
         from moco_ray.strategies.training import adapter_config
 
@@ -143,7 +143,7 @@ class AggLM(Strategy):
             batch_size=p.batch_size, lora_r=p.lora_r, lora_alpha=p.lora_alpha,
             lora_dropout=p.lora_dropout,
             lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-            num_workers=p.num_workers, report_every=10, max_seq_len=4096)
+            num_workers=p.num_workers, report_every=10, max_seq_len=4096, seed=seed)
         settings = GRPOSettings(num_generations=p.num_generations, kl_beta=p.kl_beta,
                                 epsilon=p.epsilon, max_completion_length=max_tokens,
                                 temperature=p.grpo_temperature, top_p=1.0)
@@ -172,7 +172,7 @@ class AggLM(Strategy):
                 {**r, "prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows]
         ctx.rng.shuffle(rows)
         examples = list({s["example"].id: s["example"] for s in chosen}.values())
-        cfg, settings = self.grpo_config(self._agg_tokens(ctx.task))
+        cfg, settings = self.grpo_config(self._agg_tokens(ctx.task), ctx.seed)
         adapter = await train_grpo(ctx, f"agglm-{agg}", agg, rows,
                                    TaskReward(ctx.task, examples), cfg, settings)
         self.fitted.update({"aggregator": agg, "adapter": adapter, "sets": len(sets),

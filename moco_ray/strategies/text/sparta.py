@@ -259,13 +259,13 @@ class Sparta(Strategy):
                                  "K decays from initial_k down to min_k")
             return self
 
-    def dpo_config(self):
+    def dpo_config(self, seed: int = 0):
         from moco_ray.strategies.training import adapter_config
 
         p = self.params
         return adapter_config(lr=p.lr, max_steps=p.max_steps, batch_size=p.batch_size,
                               lora_r=p.lora_r, lora_alpha=2.0 * p.lora_r,
-                              num_workers=p.num_workers, report_every=10)
+                              num_workers=p.num_workers, report_every=10, seed=seed)
 
     def reputation(self, models: list[str]) -> Reputation:
         p = self.params
@@ -300,7 +300,7 @@ class Sparta(Strategy):
                     "ratings": rep.scores()}
             if pairs:
                 trained = await train_dpo(
-                    ctx, {m: (m, pairs, adapters[m]) for m in models}, self.dpo_config(),
+                    ctx, {m: (m, pairs, adapters[m]) for m in models}, self.dpo_config(ctx.seed),
                     p.beta)
                 adapters = {m: trained[m] for m in models}
                 every += [(rnd, m, adapters[m]) for m in models]
