@@ -134,6 +134,10 @@ class RunConfig(_Frozen):
     concurrency: int = Field(16, ge=1, description="examples in flight per job")
     max_jobs: int | None = Field(None, ge=1, description="jobs in flight at once, the next "
                                  "starting when one ends (None: all at once)")
+    max_trainings: int | None = Field(
+        None, ge=1, description="adapter trainings (Ray Train runs of the methods that learn) at "
+        "once across all jobs; the rest wait for a slot (None: no cap). On a CPU node the pool's "
+        "engines leave room for few trainers beside them")
     pool: PoolConfig
     tasks: list[TaskSpec] = Field(min_length=1)
     jobs: list[JobSpec] = Field(min_length=1)

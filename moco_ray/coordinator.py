@@ -93,9 +93,13 @@ async def run_job(req: JobRequest, pool: PoolClient, job: _Job | None = None) ->
 class Coordinator:
     """Async actor: `submit` jobs, `poll` their records as they finish, read `status` and cost."""
 
-    def __init__(self, pool: PoolClient):
+    def __init__(self, pool: PoolClient, max_trainings: int | None = None):
         self.pool = pool
         self.jobs: dict[str, _Job] = {}
+        if max_trainings is not None:
+            from moco_ray.strategies.training import limit_trainings
+
+            limit_trainings(max_trainings)
 
     async def submit(self, req: JobRequest) -> str:
         if req.job in self.jobs:

@@ -256,7 +256,7 @@ def run_config(cfg: RunConfig, on_progress=None, pool=None, resume: bool = True,
     try:
         if own_pool:
             pool.start()
-        coord = Coordinator.remote(pool.client())
+        coord = Coordinator.remote(pool.client(), max_trainings=cfg.max_trainings)
         try:
             new, jobs = run_jobs(coord, todo, on_progress, max_jobs=cfg.max_jobs,
                                  on_done=on_done)

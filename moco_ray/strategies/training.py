@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from moco_ray.distill import DistillConfig, DistillJob, distill_all
@@ -45,13 +46,44 @@ async def train_adapters(ctx: StrategyContext, jobs: dict[str, tuple[str, list[d
     bases = {name: await ctx.pool.weights_path(model) for name, (model, _) in jobs.items()}
     specs = [DistillJob(name, bases[name], rows, str(root / name))
              for name, (_, rows) in jobs.items()]
-    t0 = time.perf_counter()
-    infos = await asyncio.to_thread(distill_all, specs, cfg)
-    seconds = time.perf_counter() - t0
-    for name in jobs:
-        c = Cost(calls=1, engine_seconds=seconds / len(jobs))
-        ctx.cost[f"train:{name}"] = ctx.cost.get(f"train:{name}", Cost()).add(c)
+    infos = await run_trainings(ctx, specs, lambda part: distill_all(part, cfg))
     return {name: infos[name].path for name in jobs}
+
+
+# Adapter trainings at once in this process (the coordinator actor, so across all its jobs);
+# None: no cap (Ray's resource scheduling alone decides).
+_SLOTS: asyncio.Semaphore | None = None
+
+
+def limit_trainings(n: int | None) -> None:
+    """Let at most `n` adapter trainings run at once in this process (None lifts the cap). A
+    CPU node that holds the pool's engines has room for few trainers beside them."""
+    global _SLOTS
+    if n is not None and n < 1:
+        raise ValueError(f"max trainings at once must be >= 1 or None, got {n}")
+    _SLOTS = asyncio.Semaphore(n) if n else None
+
+
+async def run_trainings(ctx: StrategyContext, specs: list, train: Callable[[list], dict]) -> dict:
+    """`train(specs) -> {name: info}` off the event loop, every spec at once, or one spec per
+    slot under `limit_trainings`. Wall time is charged to the job's cost as `train:<name>`
+    (shared evenly by the specs). `spec.model` is each spec's name."""
+    t0 = time.perf_counter()
+    if _SLOTS is None:
+        infos = await asyncio.to_thread(train, specs)
+    else:
+        async def one(spec):
+            async with _SLOTS:
+                return await asyncio.to_thread(train, [spec])
+
+        infos = {k: v for part in await asyncio.gather(*(one(s) for s in specs))
+                 for k, v in part.items()}
+    seconds = time.perf_counter() - t0
+    for spec in specs:
+        name = f"train:{spec.model}"
+        c = Cost(calls=1, engine_seconds=seconds / len(specs))
+        ctx.cost[name] = ctx.cost.get(name, Cost()).add(c)
+    return infos
 
 
 def adapter_config(**overrides) -> DistillConfig:

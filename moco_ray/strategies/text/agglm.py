@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from moco_ray.records import Cost, Prompt
+from moco_ray.records import Prompt
 from moco_ray.strategies.base import Answer, ExampleContext, Strategy, StrategyContext, register
 from moco_ray.strategies.common import SamplingFields, over_dev
 from moco_ray.strategies.text._shared import answer_of, check_model, user_text, with_user_text
@@ -80,16 +80,16 @@ async def train_grpo(ctx: StrategyContext, name: str, model: str, rows: list[dic
                      reward: TaskReward, cfg, settings) -> str:
     """GRPO-train one adapter of pool model `model` from the weights it serves now; charged to
     the job's cost as train:<name>. Returns the adapter dir."""
+    from types import SimpleNamespace
+
     from moco_ray.distill.preference import grpo_train_adapter
+    from moco_ray.strategies.training import run_trainings
 
     out = Path(ctx.workdir) / f"agglm-grpo-{time.time_ns()}" / name
     base = await ctx.pool.weights_path(model)
-    t0 = time.perf_counter()
-    info = await asyncio.to_thread(grpo_train_adapter, name, base, rows, reward, str(out), cfg,
-                                   settings)
-    c = Cost(calls=1, engine_seconds=time.perf_counter() - t0)
-    ctx.cost[f"train:{name}"] = ctx.cost.get(f"train:{name}", Cost()).add(c)
-    return info.path
+    infos = await run_trainings(ctx, [SimpleNamespace(model=name)], lambda _: {
+        name: grpo_train_adapter(name, base, rows, reward, str(out), cfg, settings)})
+    return infos[name].path
 
 
 @register("text_agglm")

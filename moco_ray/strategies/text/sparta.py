@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from moco_ray.records import Cost, Prompt
+from moco_ray.records import Prompt
 from moco_ray.strategies.base import Answer, ExampleContext, Strategy, StrategyContext, register
 from moco_ray.strategies.common import SamplingFields, over_dev
 from moco_ray.strategies.text._shared import plain, user_text
@@ -184,17 +184,13 @@ async def train_dpo(ctx: StrategyContext, jobs: dict[str, tuple[str, list[dict],
     """DPO-train one adapter per `{name: (pool_model, pairs, init_adapter)}`, all at once,
     from the weights each pool model serves now; charged to the job's cost as train:<name>."""
     from moco_ray.distill.preference import PreferenceJob, dpo_train_adapters
+    from moco_ray.strategies.training import run_trainings
 
     root = Path(ctx.workdir) / f"sparta-dpo-{time.time_ns()}"
     specs = [PreferenceJob(name, await ctx.pool.weights_path(model), pairs, str(root / name),
                            init)
              for name, (model, pairs, init) in jobs.items()]
-    t0 = time.perf_counter()
-    infos = await asyncio.to_thread(dpo_train_adapters, specs, cfg, beta)
-    seconds = time.perf_counter() - t0
-    for name in jobs:
-        c = Cost(calls=1, engine_seconds=seconds / len(jobs))
-        ctx.cost[f"train:{name}"] = ctx.cost.get(f"train:{name}", Cost()).add(c)
+    infos = await run_trainings(ctx, specs, lambda part: dpo_train_adapters(part, cfg, beta))
     return {name: infos[name].path for name in jobs}
 
 
