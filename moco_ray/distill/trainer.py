@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +23,8 @@ import torch.distributed as dist
 from moco_ray.distill.config import DistillConfig, deepspeed_config
 from moco_ray.distill.data import IGNORE, collate
 from moco_ray.distill.loss import kd_sum, sft_sum
+
+log = logging.getLogger(__name__)
 
 StepHook = Callable[[dict[str, Any]], None]
 
@@ -52,9 +56,39 @@ def build_model(cfg: DistillConfig, base_model_dir: str):
     return model
 
 
+# A JIT op build that was killed midway (an OOM kill, a preempted node) leaves its lock file, and
+# torch then waits for it forever; no build takes this long, so an older lock is a dead one.
+STALE_OP_LOCK_S = 20 * 60
+
+
+def op_cache_dir() -> Path:
+    """Where DeepSpeed's JIT-compiled ops (the CPU comm op) are built and kept:
+    $TORCH_EXTENSIONS_DIR, else `torch_extensions/` inside this Python environment. One shared
+    ~/.cache dir made two environments recompile each other's build on every switch."""
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return Path(env) if env else Path(sys.prefix) / "torch_extensions"
+
+
+def prepare_op_cache(stale_after_s: float = STALE_OP_LOCK_S) -> Path:
+    """Point torch's extension builds at `op_cache_dir()` and drop build locks older than
+    `stale_after_s` (left by a killed build; they would hang every later training)."""
+    root = op_cache_dir()
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
+    now = time.time()
+    for lock in root.glob("*/lock") if root.is_dir() else []:
+        try:
+            if now - lock.stat().st_mtime > stale_after_s:
+                lock.unlink()
+                log.warning("removed a stale op build lock %s (its build was killed)", lock)
+        except FileNotFoundError:
+            pass
+    return root
+
+
 def ensure_process_group() -> None:
     """Ray Train sets up torch.distributed in its workers; a plain process gets a one-rank gloo
-    group (kept for the process's life, so later runs reuse it)."""
+    group (kept for the process's life, so later runs reuse it). Prepares the op cache first."""
+    prepare_op_cache()
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it
     if dist.is_initialized():
         return

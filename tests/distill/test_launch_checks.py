@@ -1,6 +1,8 @@
 """What distill_all refuses on the driver, before any Ray Train run starts."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -34,3 +36,24 @@ def test_ray_dataset_rows_name_their_id(tiny_models):
     fn = TokenizeFn(AutoTokenizer.from_pretrained(tiny_models["student"]), 64)
     with pytest.raises(ValueError, match="id='q7'.*no assistant turn"):
         fn({"id": "q7", "messages": [{"role": "user", "content": "hi"}]})
+
+
+def test_op_cache_is_per_environment_and_drops_only_stale_build_locks(tmp_path, monkeypatch):
+    import os
+    import sys
+    import time
+
+    from moco_ray.distill.trainer import STALE_OP_LOCK_S, op_cache_dir, prepare_op_cache
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    assert op_cache_dir() == Path(sys.prefix) / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    dead, live = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (dead, live):
+        lock.parent.mkdir()
+        lock.touch()
+    old = time.time() - STALE_OP_LOCK_S - 60
+    os.utime(dead, (old, old))
+    assert prepare_op_cache() == tmp_path
+    assert not dead.exists() and live.exists()  # a build may still hold the fresh one
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path)
