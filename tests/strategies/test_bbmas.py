@@ -94,7 +94,31 @@ def test_unparseable_action_choices_are_retried_then_invalid(toy):
     # two actions named at once is no choice either; greedy decoding gets one try only
     both = f"I choose to {P.PROPOSE}. I choose to {P.TERMINATE}."
     ans, pool = solve(toy, {"temperature": 0.0, "max_iterations": 1}, lambda m, n, a: both)
-    assert len(pool.calls) == 1 and ans.meta["board"][0]["text"] == "INVALID ACTION"
+    assert ans.meta["board"][0]["text"] == "INVALID ACTION"
+    # ...and never the answer: with no action named, a model concludes from the board.
+    assert len(pool.calls) == 2 and pool.calls[-1].model == "a"  # the job's first model
+    assert ans.output == "decided by a Answer: 7" and ans.meta["concluded_by"] == "a"
+    assert ans.meta["conclusions"] == [] and "Read the blackboard" in pool.calls[-1].text
+
+
+def test_invalid_turns_stay_off_the_board_agents_read_and_case_does_not_matter(toy):
+    def junk_then_shout(model, n, attempt):
+        # The first turn names no action; later ones name it in capitals.
+        return "no idea" if n == 0 and not seen else f"I CHOOSE TO {P.TERMINATE.upper()}."
+
+    seen: list = []
+
+    def choose(model, n, attempt):
+        out = junk_then_shout(model, n, attempt)
+        seen.append(n)
+        return out
+
+    ans, pool = solve(toy, {"temperature": 0.0, "max_iterations": 3}, choose)
+    board = ans.meta["board"]
+    assert board[0]["text"] == "INVALID ACTION" and len(board) == 2
+    second = [c for c in pool.calls if "Decide how you can best" in c.text][1]
+    assert "INVALID ACTION" not in second.text and "The blackboard is empty." in second.text
+    assert re.fullmatch(r"[abc] concludes Answer: \d", ans.output)
 
 
 def test_agents_vote_when_several_final_solutions_compete(toy):

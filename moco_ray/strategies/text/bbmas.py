@@ -12,6 +12,12 @@ Options beyond the reference: `control='llm'` lets the main model pick who acts 
 control unit), `decider='dev_best'` lets the main model write the final answer from the board
 (the paper's decider agent). The reference ran every agent on the best dev model (it loaded one
 model for all); `agent_models='dev_best'` does that, the default gives each agent its own model.
+
+Not reproduced from the reference: a turn whose agent names no action in its tries writes the
+placeholder "INVALID ACTION", which could end up on the board agents read and as the answer (on
+SmolLM2-135M every turn did: 0.00 on ARC). Here such turns stay in the trace only, action
+phrases match in any letter case, and when the last iteration holds no usable entry one model
+(the main model, else the job's first) concludes from the board.
 """
 from __future__ import annotations
 
@@ -37,6 +43,9 @@ from moco_ray.strategies.text._shared import (
 from moco_ray.tasks.base import DevSplit, Example
 
 Entry = dict  # {"id": int, "iteration": int, "agent": int, "text": str}
+# The board entry of a turn whose agent named no action in its tries (kept in the trace; agents
+# do not see it, and it is never a conclusion).
+INVALID = "INVALID ACTION"
 
 
 @register("text_bbmas")
@@ -102,8 +111,15 @@ class Blackboard(Strategy):
                 board.append({"id": len(board) + 1, "iteration": it, "agent": a, "text": text})
             if sum(stop for _, stop in done) >= p.min_agents_to_stop:
                 break
-        last = [e["text"] for e in board if e["iteration"] == len(acted)]
+        last = [e["text"] for e in board if e["iteration"] == len(acted) and e["text"] != INVALID]
         finals = [t.rsplit("FINAL:", 1)[1].strip() for t in last if "FINAL:" in t] or last
+        if not finals:
+            # No agent of the last iteration named an action: the placeholder is no answer, so
+            # one model concludes from whatever the board holds (the decider's prompt).
+            output = await self._conclude(ctx, main or agents[0], question, base, board)
+            return Answer(output=output, meta={"board": board, "acting": acted,
+                                               "conclusions": [], "votes": [],
+                                               "concluded_by": main or agents[0]})
         output, votes = await self._decide(ctx, agents, main, question, base, board, finals)
         return Answer(output=output, meta={"board": board, "acting": acted,
                                            "conclusions": finals, "votes": votes})
@@ -144,17 +160,22 @@ class Blackboard(Strategy):
             [ex] = await ctx.generate(model, prompt, p.sampling(ctx.task, rng),
                                       step=f"action:{action}")
             return f"{sel.text.strip()}\n\n---\n\n{ex.text.strip()}", action == P.TERMINATE
-        return "INVALID ACTION", False
+        return INVALID, False
+
+    async def _conclude(self, ctx: ExampleContext, model: str, question: str, base: Prompt,
+                        board: list[Entry]) -> str:
+        """`model` reads the board and answers, in the task's prompt shape (its format)."""
+        head = P.HEAD.format(problem=question, board=_board(board))
+        prompt = with_user_text(base, f"{head}\n\n{P.DECIDE}")
+        [g] = await ctx.generate(model, prompt, self.params.sampling(ctx.task, ctx.rng),
+                                 step="decide")
+        return g.text
 
     async def _decide(self, ctx: ExampleContext, agents: list[str], main: str | None,
                       question: str, base: Prompt, board: list[Entry], finals: list[str]
                       ) -> tuple[str, list[int | None]]:
         if self.params.decider == "dev_best":
-            head = P.HEAD.format(problem=question, board=_board(board))
-            prompt = with_user_text(base, f"{head}\n\n{P.DECIDE}")
-            [g] = await ctx.generate(main, prompt, self.params.sampling(ctx.task, ctx.rng),
-                                     step="decide")
-            return g.text, []
+            return await self._conclude(ctx, main, question, base, board), []
         if len(finals) <= 1:
             return (finals[0] if finals else ""), []
         options = "\n".join(f"Conclusion #{i + 1}: {c}" for i, c in enumerate(finals))
@@ -172,15 +193,19 @@ class Blackboard(Strategy):
 
 
 def _board(board: list[Entry]) -> str:
-    if not board:
+    """The board as agents read it; a turn that named no action wrote nothing worth reading."""
+    shown = [e for e in board if e["text"] != INVALID]
+    if not shown:
         return "The blackboard is empty."
     return "\n\n".join(f"Entry #{e['id']} (iteration {e['iteration']}, Agent {e['agent'] + 1}):"
-                       f"\n{e['text']}" for e in board)
+                       f"\n{e['text']}" for e in shown)
 
 
 def _action(text: str) -> str | None:
-    """The one action phrase the agent chose; None if it names none or several."""
-    named = [a for a in P.EXECUTE if a in text]
+    """The one action phrase the agent chose (any letter case); None if it names none or
+    several."""
+    low = text.lower()
+    named = [a for a in P.EXECUTE if a in low]
     return named[0] if len(named) == 1 else None
 
 
