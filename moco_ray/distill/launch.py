@@ -31,6 +31,29 @@ class DistillJob(NamedTuple):
     cfg: DistillConfig | None = None
 
 
+_IMPORTS = threading.Lock()
+
+
+def preload_imports() -> None:
+    """Import what the driver side of a training needs, one thread at a time. transformers and
+    TRL resolve names lazily, and two threads resolving the same name at once can fail with
+    "cannot import name 'AutoTokenizer' from 'transformers'" (seen with several adapter
+    trainings starting together in the coordinator). Cheap once done."""
+    with _IMPORTS:
+        import peft
+        import ray.train.torch
+        import transformers
+        import trl
+
+        for mod, names in ((transformers, ("AutoTokenizer", "AutoModelForCausalLM",
+                                           "TrainerCallback")),
+                           (trl, ("DPOConfig", "GRPOConfig", "DPOTrainer", "GRPOTrainer")),
+                           (peft, ("LoraConfig", "PeftModel")),
+                           (ray.train.torch, ("TorchConfig", "TorchTrainer"))):
+            for name in names:
+                getattr(mod, name)
+
+
 def _is_dataset(data: Any) -> bool:
     import ray.data
 
@@ -151,6 +174,7 @@ def distill_all(jobs: list[tuple] | list[DistillJob],
     starts; if some fail, the others still finish and one error names every failed model."""
     from moco_ray.distill.trainer import train_worker
 
+    preload_imports()
     jobs = [DistillJob(*j) for j in jobs]
     check_distinct(jobs, "model")
     jobs = [j._replace(cfg=j.cfg or cfg) for j in jobs]

@@ -38,7 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moco_ray.distill.checkpoint import CheckpointInfo, write_manifest
 from moco_ray.distill.config import DistillConfig, deepspeed_config
-from moco_ray.distill.launch import check_distinct, checkpoint_info, fit_to_dir, run_parallel
+from moco_ray.distill.launch import (check_distinct, checkpoint_info, fit_to_dir, preload_imports,
+                                     run_parallel)
 
 RewardFn = Callable[[str, dict], float]
 Kind = Literal["dpo", "grpo"]
@@ -376,6 +377,7 @@ def _check_job(job: PreferenceJob) -> None:
 def _run_all(kind: Kind, jobs: list[PreferenceJob], cfg: DistillConfig, beta: float,
              settings: GRPOSettings | None, reward_fn: RewardFn | None
              ) -> dict[str, CheckpointInfo]:
+    preload_imports()
     check_distinct(jobs, "adapter")
     for j in jobs:
         _check_job(j)

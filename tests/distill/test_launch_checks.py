@@ -1,6 +1,9 @@
 """What distill_all refuses on the driver, before any Ray Train run starts."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -57,3 +60,28 @@ def test_op_cache_is_per_environment_and_drops_only_stale_build_locks(tmp_path, 
     assert prepare_op_cache() == tmp_path
     assert not dead.exists() and live.exists()  # a build may still hold the fresh one
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path)
+
+
+def test_trainings_starting_together_import_without_racing():
+    """Threads that each start a training's driver side at once: without the import lock, all
+    but one fail with "cannot import name 'AutoTokenizer' from 'transformers'"."""
+    code = textwrap.dedent("""
+        import threading
+        from moco_ray.distill.launch import preload_imports
+        errors = []
+        def start():
+            try:
+                preload_imports()
+                from transformers import AutoTokenizer
+                from trl import DPOConfig
+            except Exception as e:
+                errors.append(repr(e))
+        threads = [threading.Thread(target=start) for _ in range(6)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print("ERRORS", errors)
+    """)
+    res = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ERRORS []" in res.stdout, res.stdout[-3000:]
