@@ -38,8 +38,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moco_ray.distill.checkpoint import CheckpointInfo, write_manifest
 from moco_ray.distill.config import DistillConfig, deepspeed_config
-from moco_ray.distill.launch import (check_distinct, checkpoint_info, fit_to_dir, preload_imports,
-                                     run_parallel)
+from moco_ray.distill.launch import (
+    check_distinct,
+    checkpoint_info,
+    fit_to_dir,
+    preload_imports,
+    run_parallel,
+)
 
 RewardFn = Callable[[str, dict], float]
 Kind = Literal["dpo", "grpo"]
