@@ -12,7 +12,7 @@ import os
 import time
 
 from moco_ray import zoo
-from moco_ray.config import LogitGroupSpec, ModelSpec, PoolConfig
+from moco_ray.config import ModelSpec, PoolConfig
 from moco_ray.coordinator import JobRequest, run_job
 from moco_ray.engines.base import build_engine
 from moco_ray.tasks.synthetic import make_synthetic

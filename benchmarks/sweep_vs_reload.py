@@ -39,7 +39,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from moco_ray.config import LogitGroupSpec, ModelSpec, PoolConfig  # noqa: E402
+from moco_ray.config import LogitGroupSpec, ModelSpec, PoolConfig
 
 TASK = "max"
 GROUP = "trio"
@@ -181,7 +181,7 @@ async def sweep(args, pool_client, base_client, task, members, methods, log) -> 
                              f"{res.base_train_s:.1f}s baseline")
             log(f"[{name}] baseline {res.base_s:.2f}s score {res.base_score:.3f} "
                 f"({res.note})")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             res.base_timed_out = args.timeout
             res.note = f"baseline ran past --timeout {args.timeout:g}s (ratio is a lower bound)"
             log(f"[{name}] {res.note}")
@@ -195,8 +195,8 @@ async def sweep(args, pool_client, base_client, task, members, methods, log) -> 
 def table(results: list[Result], examples: int) -> str:
     head = (f"{'method':<28}{'level':<8}{'pool s':>9}{'base s':>10}{'ratio':>8}"
             f"{'score p/b':>13}  note")
-    lines = [f"sweep over task '{TASK}' ({examples} dev + {examples} test examples), "
-             "3-model pool vs load-per-call baseline", head, "-" * len(head)]
+    lines = [(f"sweep over task '{TASK}' ({examples} dev + {examples} test examples), "
+              "3-model pool vs load-per-call baseline"), head, "-" * len(head)]
     for r in results:
         ps = f"{r.pool_s:.2f}" if r.pool_s is not None else "-"
         bs = f"{r.base_s:.2f}" if r.base_s is not None else "-"
@@ -255,7 +255,7 @@ def _start_ray(init_ray, log, tries: int = 3) -> None:
         try:
             init_ray()
             return
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception on a slow start
+        except Exception as e:
             if k == tries - 1:
                 raise
             log(f"ray start failed ({_why(e)}); retrying")

@@ -31,7 +31,7 @@ _EXPORTS = {
     "load_task": "moco_ray.tasks.loaders",
     "DistillConfig": "moco_ray.distill.config", "distill_all": "moco_ray.distill.launch",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazy exports above)
 
 
 def __getattr__(name: str):

@@ -73,7 +73,7 @@ class PoolConfig(_Frozen):
     http_port: int = Field(8000, ge=0, le=65535)
 
     @model_validator(mode="after")
-    def _names(self) -> "PoolConfig":
+    def _names(self) -> PoolConfig:
         names = [m.name for m in self.models]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

@@ -150,7 +150,7 @@ class Coordinator:
             job.changed.clear()
             try:
                 await asyncio.wait_for(job.changed.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         recs, job.pending = job.pending, []
         return recs, job.status()

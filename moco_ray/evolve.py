@@ -18,14 +18,23 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationError
 
-from moco_ray.config import (ConfigError, JobSpec, PoolConfig, RunConfig, TaskSpec, _fmt_loc,
-                             _Frozen, check_references)
+from moco_ray.config import (
+    ConfigError,
+    JobSpec,
+    PoolConfig,
+    RunConfig,
+    TaskSpec,
+    _fmt_loc,
+    _Frozen,
+    check_references,
+)
 from moco_ray.distill.config import DistillConfig
 from moco_ray.records import Record
 
@@ -144,8 +153,9 @@ def evolve(cfg: EvolveConfig, run_dir: Path, on_stage: ProgressFn | None = None,
     if cfg_file.exists():
         saved = EvolveConfig.model_validate(yaml.safe_load(cfg_file.read_text()))
         if saved != cfg:
-            raise ConfigError(["config differs from the one this run started with "
-                               f"({cfg_file}); resume with that config or start a new run_name"],
+            raise ConfigError([("config differs from the one this run started with "
+                                f"({cfg_file}); resume with that config or start a new "
+                                "run_name")],
                               str(run_dir))
     else:
         cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -5,14 +5,14 @@ here shows up in every materialized table.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 # A prompt is raw text or a list of chat messages ({"role": ..., "content": ...}); engines apply
 # the model's chat template to the latter.
 ChatMessage = dict[str, str]
-Prompt = Union[str, list[ChatMessage]]
+Prompt = str | list[ChatMessage]
 
 
 class SamplingParams(BaseModel):
@@ -73,7 +73,7 @@ class Cost(BaseModel):
     completion_tokens: int = 0
     engine_seconds: float = 0.0
 
-    def add(self, other: "Cost") -> "Cost":
+    def add(self, other: Cost) -> Cost:
         return Cost(
             calls=self.calls + other.calls,
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,

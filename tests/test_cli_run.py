@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(args, env_extra=None, timeout=900):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "moco_ray.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
 
 
 def _records(out_dir: Path):

@@ -5,6 +5,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+from typing import ClassVar
 
 import pytest
 
@@ -42,7 +43,7 @@ class ScriptedPool:
 
 
 def _task(n_dev=3, n_test=5) -> Task:
-    ex = lambda i: Example(id=str(i), question=f"q{i}", reference="m1")  # noqa: E731
+    ex = lambda i: Example(id=str(i), question=f"q{i}", reference="m1")
     return Task(name="toy", kind="exact_match",
                 dev=DevSplit(task="toy", examples=tuple(ex(i) for i in range(n_dev))),
                 test=TestSplit(task="toy", examples=tuple(ex(100 + i) for i in range(n_test))),
@@ -55,7 +56,7 @@ class AskAll(Strategy):
     """Test strategy: asks every model, answers with the last; fit asks model 0 on dev."""
 
     level = "text"
-    seen_in_fit: list[str] = []
+    seen_in_fit: ClassVar[list[str]] = []
 
     async def fit(self, ctx, dev):
         for ex in dev:
@@ -203,7 +204,7 @@ def test_run_config_saves_each_job_and_resumes_only_unfinished(ray_session, tmp_
     ran.clear()
     second = run(cfg)
     assert ran == {"1-b-reverse"}
-    key = lambda r: (r.job, r.example_id)  # noqa: E731
+    key = lambda r: (r.job, r.example_id)
     assert sorted(map(key, second.records)) == sorted(map(key, first.records))
     a_first = {r.example_id: r.model_dump() for r in first.records if r.job == "0-a-reverse"}
     a_second = {r.example_id: r.model_dump() for r in second.records if r.job == "0-a-reverse"}

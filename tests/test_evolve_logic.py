@@ -1,6 +1,8 @@
 """Evolution-loop logic without engines: training rows, dev-only data, manifest, metrics, report."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -135,7 +137,7 @@ def test_evolve_config_errors_name_keys():
 class _FakeStages:
     """Stands in for evolve_stages.Stages: records what the loop asks for."""
 
-    calls: list = []
+    calls: ClassVar[list] = []
 
     def __init__(self, cfg, run_dir, manifest, tasks, weights):
         pass
@@ -156,8 +158,7 @@ class _FakeStages:
 def test_loop_runs_eval_with_next_collab_and_resumes(tmp_path, monkeypatch, overlap):
     import moco_ray.evolve as ev
     import moco_ray.evolve_stages as es
-    import moco_ray.sweep as sweep
-    from moco_ray import zoo
+    from moco_ray import sweep, zoo
 
     monkeypatch.setattr(es, "Stages", _FakeStages)
     monkeypatch.setattr(sweep, "init_ray", lambda: None)

@@ -31,10 +31,9 @@ def test_records_without_trace_or_cost():
 
 def test_read_dataset_small_on_driver_large_by_ray_data(ray_session, tmp_path, monkeypatch):
     import pytest
+    import ray.data
 
     from moco_ray import outputs
-
-    import ray.data
 
     path = write_records([_rec(i) for i in range(5)], tmp_path / "recs")
     reads = []

@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
 # Above this many rows per model, `ingest: auto` streams the data through Ray Data.
 DRIVER_INGEST_MAX_ROWS = 20_000
 

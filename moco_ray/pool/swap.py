@@ -209,7 +209,7 @@ class SwapRegistry:
             raise SwapError(f"swap registry state {str(path)!r} is unreadable ({e}); move it "
                             "away to start the pool's versions afresh") from None
         for m in self._history:  # models the state knows continue; new ones start at 0
-            if m in history and history[m]:
+            if history.get(m):
                 self._history[m] = history[m]
                 self._current[m] = int(current.get(m, 0))
         self._groups = {g: [dict(c) for c in combos] for g, combos in groups.items()}

@@ -63,7 +63,7 @@ class StrategyContext:
         # Cost of the whole job (fit and solve), per model; every ExampleContext adds to it.
         self.cost: dict[str, Cost] = {}
 
-    def example(self, example: Example) -> "ExampleContext":
+    def example(self, example: Example) -> ExampleContext:
         return ExampleContext(self, example)
 
     @property

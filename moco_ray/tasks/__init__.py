@@ -4,11 +4,20 @@
 Code answers run in `sandbox.run_python` (separate process, resource limits, audit hook).
 """
 from moco_ray.tasks.base import DevSplit, Example, Task, TestSplit, require_dev
-from moco_ray.tasks.loaders import (DEFAULT_MAX_TOKENS, TaskOptions, build_task, known_task,
-                                    load_task)
+from moco_ray.tasks.loaders import (
+                                    DEFAULT_MAX_TOKENS,
+                                    TaskOptions,
+                                    build_task,
+                                    known_task,
+                                    load_task,
+)
 from moco_ray.tasks.sandbox import SandboxLimits, SandboxResult, run_many, run_python
-from moco_ray.tasks.synthetic import (SYNTHETIC_TASKS, make_synthetic, synthetic_corpus,
-                                      synthetic_pairs)
+from moco_ray.tasks.synthetic import (
+                                    SYNTHETIC_TASKS,
+                                    make_synthetic,
+                                    synthetic_corpus,
+                                    synthetic_pairs,
+)
 
 __all__ = [
     "DEFAULT_MAX_TOKENS", "SYNTHETIC_TASKS", "DevSplit", "Example", "SandboxLimits",

@@ -223,8 +223,9 @@ def _load_hf(spec: TaskSpec, opts: TaskOptions) -> tuple[list, list, str]:
     name = spec.path or spec.name
     ds = datasets.load_dataset(name, **opts.load_kwargs)
     if not isinstance(ds, datasets.DatasetDict):
-        raise ValueError(f"load_dataset({name!r}) returned one split; drop `split` from "
-                         "options.load_kwargs and name the splits with dev_split / test_split")
+        raise ValueError(  # noqa: TRY004 (a bad option, named)
+            f"load_dataset({name!r}) returned one split; drop `split` from "
+            "options.load_kwargs and name the splits with dev_split / test_split")
     dev_split = opts.dev_split or next((s for s in _DEV_SPLITS if s in ds), None)
     for label, split in (("dev_split", dev_split), ("test_split", opts.test_split)):
         if split not in ds:

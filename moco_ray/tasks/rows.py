@@ -56,7 +56,8 @@ class _Row:
     def __init__(self, row: Any, cols: dict[str, str], where: str, split: str, index: int):
         self.cols, self.loc = cols, f"{where} [{split}] row {index}"
         if not isinstance(row, dict):
-            raise ValueError(f"{self.loc}: expected an object, got {type(row).__name__}")
+            raise ValueError(  # noqa: TRY004 (every row problem is a ValueError)
+                f"{self.loc}: expected an object, got {type(row).__name__}")
         self.row, self.used = row, {cols["id"]}
         rid = row.get(cols["id"])
         self.id = str(rid) if rid is not None else f"{split}-{index}"

@@ -53,7 +53,7 @@ def test_dev_best_tie_break_uses_dev_accuracy_measured_in_fit(toy):
         return r
 
     for good, expected in [("b", "2"), ("a", "1")]:
-        ctx, pool = toy(["a", "b"], respond(good))
+        ctx, _pool = toy(["a", "b"], respond(good))
         mv = MajorityVote({"tie_break": "dev_best"})
         asyncio.run(mv.fit_checked(ctx, ctx.task.dev))
         assert mv.fitted["dev_accuracy"] == {good: 1.0, ({"a", "b"} - {good}).pop(): 0.0}

@@ -107,7 +107,7 @@ def test_consensus_is_the_majority_of_final_answers():
 
 
 def test_generation_and_critic_sets_follow_the_consensus(toy, trainer):
-    ctx, pool = toy(["a", "b", "c"], script, n_dev=4, n_test=2)
+    ctx, _pool = toy(["a", "b", "c"], script, n_dev=4, n_test=2)
     s = strategy()
     asyncio.run(s.fit(ctx, ctx.task.dev))
     [call] = trainer.calls
@@ -186,7 +186,7 @@ def test_final_answer_is_the_majority_of_the_final_round(toy, trainer):
             return "Answer: 1"  # round 1 is unanimous ...
         return {"a": "Answer: 4", "b": "Answer: 4", "c": "Answer: 1"}[call.model]  # ... final not
 
-    ctx, pool = toy(["a", "b", "c"], respond, n_dev=2, n_test=1)
+    ctx, _pool = toy(["a", "b", "c"], respond, n_dev=2, n_test=1)
     s = strategy()
     asyncio.run(s.fit(ctx, ctx.task.dev))
     ex = ctx.task.test.examples[0]

@@ -5,9 +5,17 @@ import pytest
 
 from moco_ray.config import TaskSpec, default_data_dir
 from moco_ray.tasks import Example, build_task, load_task
-from moco_ray.tasks.metrics import (build_program, exact_match, extract_choice, extract_code,
-                                    extract_exact, extract_final_answer, f1_over_aliases,
-                                    find_boxed, token_f1)
+from moco_ray.tasks.metrics import (
+    build_program,
+    exact_match,
+    extract_choice,
+    extract_code,
+    extract_exact,
+    extract_final_answer,
+    f1_over_aliases,
+    find_boxed,
+    token_f1,
+)
 
 MC = Example(id="1", question="Which?", reference="C",
              choices={"A": "a cat", "B": "the dog", "C": "0.8 lb", "D": "8 lb"})

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Sequence
 
 from pydantic import Field
 
@@ -88,8 +89,8 @@ class MultiagentFinetuning(Strategy):
                              lora_alpha=2.0 * p.lora_r, seed=ctx.seed)
         log: list[dict] = []
         for it in range(p.iterations):
-            async def one(ectx: ExampleContext, ex: Example, gen=list(gen),
-                          critic=list(critic)) -> tuple[list[list[AgentTurn]], str | None]:
+            async def one(ectx: ExampleContext, ex: Example, gen=tuple(gen),
+                          critic=tuple(critic)) -> tuple[list[list[AgentTurn]], str | None]:
                 rounds = await self._debate(ectx, ex, agents, gen, critic)
                 return rounds, consensus([t["answer"] for t in rounds[-1]], ectx.rng)
 
@@ -154,7 +155,8 @@ class MultiagentFinetuning(Strategy):
         return [models[i % len(models)] for i in range(n)]
 
     async def _debate(self, ctx: ExampleContext, example: Example, agents: list[str],
-                      gen: list[str | None], critic: list[str | None]) -> list[list[AgentTurn]]:
+                      gen: Sequence[str | None], critic: Sequence[str | None]
+                      ) -> list[list[AgentTurn]]:
         """Every round's turns, one per agent; round r > 0 sees round r - 1. Round 0 uses the
         generation adapters, later rounds the critic adapters (None: the model as served)."""
         p, base = self.params, ctx.task.prompt(example)
