@@ -105,24 +105,24 @@ def make_request(name: str, cls, task, members: list[str], params: dict, tag: st
 
 
 class TrainClock:
-    """Seconds spent in adapter training (`distill_all` as `train_adapters` calls it), so the
-    table can show the sweep with and without the training that both sides share."""
+    """Wall seconds spent in adapter training (every SFT, DPO and GRPO training of a method goes
+    through `training.run_trainings`), so the table can show the sweep with and without the
+    training that both sides share."""
 
     def __init__(self):
         from moco_ray.strategies import training
 
         self.seconds = 0.0
-        self._training = training
-        self._inner = training.distill_all
+        inner = training.run_trainings
 
-        def clocked(*a, **kw):
+        async def clocked(*a, **kw):
             t0 = time.perf_counter()
             try:
-                return self._inner(*a, **kw)
+                return await inner(*a, **kw)
             finally:
                 self.seconds += time.perf_counter() - t0
 
-        training.distill_all = clocked
+        training.run_trainings = clocked
 
 
 async def timed(req, client, timeout_s: float, clock: TrainClock) -> tuple[float, float, float]:
