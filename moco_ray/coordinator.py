@@ -8,8 +8,6 @@ engine seconds, calls), fit included.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import gc
 import time
 import traceback
 from typing import Literal
@@ -17,21 +15,10 @@ from typing import Literal
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
+from moco_ray.memory import release_memory
 from moco_ray.records import Cost, Record
 from moco_ray.strategies.base import PoolClient, StrategyContext, get_strategy
 from moco_ray.tasks.base import Task
-
-
-def release_memory() -> None:
-    """Hand freed heap memory back to the OS. Weight-level jobs read whole models in worker
-    threads (`asyncio.to_thread`); glibc keeps what those threads freed in per-thread arenas, so
-    without a trim the coordinator stayed ~2.4 GB larger after a SmolLM2 weight job, memory the
-    pool's engines and trainers on the same node need. No-op off glibc."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class JobRequest(BaseModel):

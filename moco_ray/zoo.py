@@ -22,6 +22,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from moco_ray.memory import release_memory
+
 # One chat template for every tiny model, so both engines render chat prompts identically.
 TINY_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
@@ -239,6 +241,9 @@ def build(name: str, builder: Builder | None = None) -> Path:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
+            # A trained recipe (the SmolLM2 fine-tunes) leaves its model and optimizer freed but
+            # held by the heap of this process, often the driver beside the pool's engines.
+            release_memory()
     return final
 
 

@@ -241,7 +241,7 @@ def test_release_memory_returns_what_worker_threads_freed():
     code = textwrap.dedent("""
         import asyncio, gc
         import torch
-        from moco_ray.coordinator import release_memory
+        from moco_ray.memory import release_memory
         def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
         def make(i): return [torch.ones(1 << 20) * i for _ in range(100)]  # 100 x 4 MiB
         async def main():
