@@ -196,6 +196,30 @@ def test_dev_best_picks_the_adapter_with_the_best_dev_accuracy(toy, fake_dpo):
     assert final["dev_accuracy"]["c@1"] == 1.0 and final["dev_accuracy"]["c@0"] == 0.0
 
 
+def test_a_round_with_fewer_pairs_than_a_batch_trains_on_smaller_batches_or_not_at_all(
+        toy, fake_dpo):
+    def respond(call):  # judges separate the duelists on one question only: one pair
+        if "You are judging" in call.text:
+            return fair_respond(call) if "Question d0" in call.text else "Score A: 5\nScore B: 5"
+        return fair_respond(call)
+
+    ctx, _ = lora_pool(toy, MODELS, respond, n_dev=4)
+    strat = Sparta({"final": "reputation", "batch_size": 2})
+    asyncio.run(strat.fit_checked(ctx, ctx.task.dev))
+    [call] = fake_dpo
+    assert len(call["jobs"]["a"][1]) == 1 and call["cfg"].batch_size == 1
+    assert call["cfg"].rows_per_step == 1  # the trainer's check passes with one pair
+
+    fake_dpo.clear()
+    ctx, _ = lora_pool(toy, MODELS, respond, n_dev=4)
+    strat = Sparta({"final": "reputation", "batch_size": 2, "num_workers": 2})
+    asyncio.run(strat.fit_checked(ctx, ctx.task.dev))
+    assert not fake_dpo  # one pair cannot feed two workers: no training, no failure
+    [rnd] = strat.fitted["rounds"]
+    assert rnd["pairs"] == 1 and "1 pair(s)" in rnd["skipped"] and "adapters" not in rnd
+    assert set(strat.fitted["adapters"].values()) == {None}
+
+
 def test_sparta_dpo_training_is_seeded_by_the_job_seed(toy, fake_dpo):
     ctx, _ = lora_pool(toy, MODELS, fair_respond, n_dev=4, seed=7)
     asyncio.run(Sparta({"final": "reputation"}).fit_checked(ctx, ctx.task.dev))

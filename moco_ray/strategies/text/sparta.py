@@ -255,12 +255,20 @@ class Sparta(Strategy):
                                  "K decays from initial_k down to min_k")
             return self
 
-    def dpo_config(self, seed: int = 0):
+    def dpo_config(self, seed: int = 0, n_pairs: int | None = None):
+        """The round's DPO settings. With `n_pairs` given, a round with fewer pairs than one
+        step takes (batch_size per worker) trains on smaller batches; None when the pairs
+        cannot give every worker one (that round trains nothing)."""
         from moco_ray.strategies.training import adapter_config
 
         p = self.params
-        return adapter_config(lr=p.lr, max_steps=p.max_steps, batch_size=p.batch_size,
-                              lora_r=p.lora_r, lora_alpha=2.0 * p.lora_r,
+        batch = p.batch_size
+        if n_pairs is not None:
+            batch = min(batch, n_pairs // p.num_workers)
+            if batch < 1:
+                return None
+        return adapter_config(lr=p.lr, max_steps=p.max_steps, batch_size=batch,
+                              lora_r=p.lora_r, lora_alpha=2.0 * p.lora_r, grad_accum=1,
                               num_workers=p.num_workers, report_every=10, seed=seed)
 
     def reputation(self, models: list[str]) -> Reputation:
@@ -294,10 +302,13 @@ class Sparta(Strategy):
             last_pairs = pairs or last_pairs
             info = {"round": rnd, "duels": len(judged), "pairs": len(pairs),
                     "ratings": rep.scores()}
-            if pairs:
+            cfg = self.dpo_config(ctx.seed, len(pairs)) if pairs else None
+            if pairs and cfg is None:
+                info["skipped"] = (f"{len(pairs)} pair(s) cannot give each of num_workers="
+                                   f"{p.num_workers} workers one; no DPO this round")
+            if cfg is not None:
                 trained = await train_dpo(
-                    ctx, {m: (m, pairs, adapters[m]) for m in models}, self.dpo_config(ctx.seed),
-                    p.beta)
+                    ctx, {m: (m, pairs, adapters[m]) for m in models}, cfg, p.beta)
                 adapters = {m: trained[m] for m in models}
                 every += [(rnd, m, adapters[m]) for m in models]
                 info["adapters"] = dict(adapters)
