@@ -255,18 +255,16 @@ class Sparta(Strategy):
                                  "K decays from initial_k down to min_k")
             return self
 
-    def dpo_config(self, seed: int = 0, n_pairs: int | None = None):
-        """The round's DPO settings. With `n_pairs` given, a round with fewer pairs than one
-        step takes (batch_size per worker) trains on smaller batches; None when the pairs
-        cannot give every worker one (that round trains nothing)."""
+    def dpo_config(self, seed: int, n_pairs: int):
+        """The DPO settings of a round with `n_pairs` pairs: fewer pairs than one step takes
+        (batch_size per worker) train on smaller batches; None when the pairs cannot give every
+        worker one (that round trains nothing)."""
         from moco_ray.strategies.training import adapter_config
 
         p = self.params
-        batch = p.batch_size
-        if n_pairs is not None:
-            batch = min(batch, n_pairs // p.num_workers)
-            if batch < 1:
-                return None
+        batch = min(p.batch_size, n_pairs // p.num_workers)
+        if batch < 1:
+            return None
         return adapter_config(lr=p.lr, max_steps=p.max_steps, batch_size=batch,
                               lora_r=p.lora_r, lora_alpha=2.0 * p.lora_r, grad_accum=1,
                               num_workers=p.num_workers, report_every=10, seed=seed)
@@ -302,7 +300,7 @@ class Sparta(Strategy):
             last_pairs = pairs or last_pairs
             info = {"round": rnd, "duels": len(judged), "pairs": len(pairs),
                     "ratings": rep.scores()}
-            cfg = self.dpo_config(ctx.seed, len(pairs)) if pairs else None
+            cfg = self.dpo_config(ctx.seed, len(pairs))
             if pairs and cfg is None:
                 info["skipped"] = (f"{len(pairs)} pair(s) cannot give each of num_workers="
                                    f"{p.num_workers} workers one; no DPO this round")
