@@ -47,7 +47,7 @@ def load_tasks(cfg: RunConfig) -> dict[str, Task]:
 
 # How often Ray Train's controller polls its workers (Ray's default: 2 s). Jobs run many short
 # adapter trainings, and each waited up to a poll to be seen finished: a 2-step tiny-model
-# training handed back in ~4.3 s at 2 s and ~0.9 s at 0.25 s (of ~14.5 s in all). Set the
+# training handed back in ~4.3 s at 2 s and ~1.6 s at 0.5 s (14.5 s in all, now ~11 s). Set the
 # variable to override.
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_S = "0.5"
