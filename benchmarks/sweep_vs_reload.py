@@ -16,7 +16,8 @@ models, params and seed; only the PoolClient differs:
 
 Training (methods that fit adapters) costs the same on both sides and is timed as part of the
 method; `--train-steps` caps those methods' step counts (max_steps / train_steps) to keep a CPU
-run short. Every method is timed end to end: fit on dev, then solve on test.
+run short, and `--max-trainings` caps the Ray Train runs at once (a method's adapters then train
+in turn in shared runs). Every method is timed end to end: fit on dev, then solve on test.
 
     .venv/bin/python benchmarks/sweep_vs_reload.py [--examples 8] [--methods a,b] [--quick]
 """
@@ -275,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="", help='JSON {"method": {param: value}} overrides')
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="seconds per method and side before it counts as failed")
+    parser.add_argument("--max-trainings", type=int, default=1,
+                        help="adapter trainings (Ray Train runs) at once, as a sweep's "
+                        "max_trainings; a method's adapters share its runs, training in turn "
+                        "(default 1: one trainer beside the pool on a 2-core node; 0: no cap, "
+                        "one run per adapter, all at once)")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
@@ -282,12 +288,15 @@ def main(argv: list[str] | None = None) -> int:
         args.train_steps = min(args.train_steps or 5, 5)
     if args.examples < 1:
         parser.error("--examples must be >= 1")
+    if args.max_trainings < 0:
+        parser.error("--max-trainings must be >= 0")
 
     import torch
 
     from moco_ray import zoo
     from moco_ray.bench_baseline import ReloadPerCallClient
     from moco_ray.pool.pool import ModelPool
+    from moco_ray.strategies import training
     from moco_ray.strategies.base import list_strategies
     from moco_ray.sweep import init_ray
     from moco_ray.tasks.synthetic import make_synthetic
@@ -306,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    training.limit_trainings(args.max_trainings or None)  # both sides train the same way
     task = make_synthetic(TASK, n_dev=args.examples, n_test=args.examples)
     cfg = pool_config()
     members = [m.name for m in cfg.members]

@@ -38,7 +38,10 @@ class CheckpointInfo(BaseModel):
     steps: int
     final_loss: float
     losses: list[float] = Field(description="global loss after every optimizer step")
-    seconds: float = Field(description="wall time of the whole fit, driver side")
+    seconds: float = Field(description="wall time of this model's fit, driver side; in a run "
+                           "that trains several models in turn, its share: from the previous "
+                           "model's end (the run's start for the first) to its own end (the "
+                           "run's end for the last)")
     train_entered: float = Field(description="epoch time rank 0 began (before reading its data, "
                                  "loading the model and DeepSpeed init)")
     train_started: float = Field(description="epoch time the first step began (rank 0)")

@@ -1,16 +1,20 @@
-"""Driver side: check every job, then distill all models at once, one Ray Train run per model.
+"""Driver side: check every job, then distill all models, in Ray Train runs.
 
-Each model gets its own `TorchTrainer`; its blocking `fit()` runs in a driver thread, so all runs
-are in flight together and Ray places their workers as the cluster's resources allow (a run that
-does not fit yet waits for its placement group, it does not fail).
+By default each model gets its own `TorchTrainer`; each blocking `fit()` runs in a driver thread,
+so all runs are in flight together and Ray places their workers as the cluster's resources allow
+(a run that does not fit yet waits for its placement group, it does not fail). Where trainers
+must queue anyway (a capped node), `runs=k` packs the models into k runs that each train their
+models one after another in the same workers: one worker-group start, one import and one
+handback per run instead of per model.
 """
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -18,6 +22,8 @@ from typing import Any, NamedTuple
 from moco_ray.distill.checkpoint import CheckpointInfo, save_checkpoint, verify_checkpoint
 from moco_ray.distill.config import DistillConfig
 from moco_ray.distill.data import TokenizeFn, tokenize_rows
+
+log = logging.getLogger(__name__)
 
 
 class DistillJob(NamedTuple):
@@ -100,32 +106,155 @@ def check_distinct(jobs, what: str) -> None:
         raise ValueError(f"two jobs share an out_dir ({outs}); give each {what} its own")
 
 
-def fit_to_dir(train_fn, loop_config: dict, model: str, out_dir: str, cfg: DistillConfig,
-               run_name: str, datasets: dict | None = None) -> CheckpointInfo:
-    """One Ray Train run (`TorchTrainer` over `cfg.num_workers` workers, gloo on CPU, NCCL on
-    GPU); its checkpoint is copied to `out_dir` and verified."""
-    from ray.train import RunConfig, ScalingConfig
+class Planned(NamedTuple):
+    """One model of a Ray Train run: its job (`.model`, `.out_dir`), its settings, the worker's
+    config for it, and the Ray Dataset its worker reads as its shard (None: rows in config)."""
+
+    job: Any
+    cfg: DistillConfig
+    config: dict
+    dataset: Any = None
+
+
+def _scaling(cfg: DistillConfig) -> tuple:
+    return cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, cfg.storage_path
+
+
+def pack(planned: list[Planned], runs: int | None) -> list[list[Planned]]:
+    """Split the models into Ray Train runs: None gives every model its own run (all in flight
+    at once); `runs=k` gives at most k runs per scaling setup (workers, CPUs, GPU, storage), the
+    models dealt round-robin, each run training its models one after another. Models with
+    different scaling never share a run (one run has one worker group)."""
+    if runs is None:
+        return [[p] for p in planned]
+    if runs < 1:
+        raise ValueError(f"runs={runs} must be >= 1 or None")
+    by_scaling: dict[tuple, list[Planned]] = {}
+    for p in planned:
+        by_scaling.setdefault(_scaling(p.cfg), []).append(p)
+    return [same[i::runs] for same in by_scaling.values() for i in range(min(runs, len(same)))]
+
+
+# A line of a formatted traceback naming an exception ("ValueError: row 3 ...").
+_EXC_LINE = re.compile(r"^\s*([\w.]*(?:Error|Exception)): (.+)$", re.MULTILINE)
+
+
+def first_cause(e: BaseException) -> str:
+    """'Type: message' of the exception that started `e`'s chain. An error raised in another
+    Ray process (a Ray Data UDF, say) arrives with its causes as traceback text only; Python
+    prints a chain root first, so the first exception line there is the root."""
+    root = e
+    while (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__
+    m = _EXC_LINE.search(str(root))
+    return f"{m[1]}: {m[2]}" if m else f"{type(root).__name__}: {root}"
+
+
+def in_turn_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry of a run that trains several models: `config["worker"](job)` for each of
+    `config["jobs"]` in turn, in the same worker processes (one worker-group start, imports and
+    the DeepSpeed op loaded once); memory is handed back between models."""
+    from moco_ray.memory import release_memory
+
+    for i, job in enumerate(config["jobs"]):
+        if i:
+            release_memory()
+        log.info("run model %d/%d: %s", i + 1, len(config["jobs"]), job["job"])
+        try:
+            config["worker"](job)
+        except Exception as e:
+            # Ray shows the head and tail of a worker's traceback: end it with the model's name
+            # and the first cause (a bad row, a missing file), not a wrapper's message.
+            raise RuntimeError(f"model {job['job']!r} failed: {first_cause(e)}") from e
+
+
+def _saved_result(storage: str, name: str):
+    """The checkpoints a failed run had already saved (None if it saved none)."""
+    from ray.train import Result
+
+    try:
+        return Result.from_path(f"{storage.rstrip('/')}/{name}")
+    except RuntimeError:  # nothing reached storage
+        return None
+
+
+def _one_run(train_fn, group: list[Planned], what: str
+             ) -> tuple[dict[str, CheckpointInfo], BaseException | None]:
+    """One `TorchTrainer` (`cfg.num_workers` workers, gloo on CPU, NCCL on GPU) training the
+    group's models in turn. Each checkpoint is copied to its job's out_dir and verified. Returns
+    ({model: info} of the models that finished, the run's error or None)."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage = cfg.storage_path or tempfile.mkdtemp(prefix=f"moco_{run_name}_")
+    cfg = group[0].cfg
+    configs, datasets = [], {}
+    for i, p in enumerate(group):
+        config = {**p.config, "job": p.job.model}
+        if p.dataset is not None:
+            config["dataset"] = f"train_{i}"
+            datasets[config["dataset"]] = p.dataset
+        configs.append(config)
+    storage = cfg.storage_path or tempfile.mkdtemp(prefix=f"moco_{what}_")
+    name = f"{what}-{group[0].job.model}-{time.time_ns()}"
     trainer = TorchTrainer(
-        train_fn, train_loop_config=loop_config,
+        in_turn_worker, train_loop_config={"worker": train_fn, "jobs": configs},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"{run_name}-{time.time_ns()}", storage_path=storage),
-        datasets=datasets)
-    t0 = time.perf_counter()
+        run_config=RunConfig(name=name, storage_path=storage,
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+        datasets=datasets or None)
+    t0 = time.time()
+    error: BaseException | None = None
+    infos: dict[str, CheckpointInfo] = {}
     try:
-        result = trainer.fit()
-        seconds = time.perf_counter() - t0
-        if result.checkpoint is None:
-            raise RuntimeError(f"job {model!r}: {run_name} ended without a checkpoint")
-        result.checkpoint.to_directory(out_dir)
+        try:
+            result = trainer.fit()
+        except Exception as e:  # noqa: BLE001 (returned: the models done before it are kept)
+            error, result = e, _saved_result(storage, name)
+        t1 = time.time()
+        saved = {m.get("job"): c for c, m in (result.best_checkpoints or [])} if result else {}
+        prev = t0
+        for p in group:
+            if p.job.model not in saved:
+                continue
+            saved[p.job.model].to_directory(p.job.out_dir)
+            info = checkpoint_info(p.job.model, p.job.out_dir, 0.0)
+            # Each model's share of the run: from the previous model's end (the run's start for
+            # the first) to its own (the run's end for the last; handback included).
+            end = t1 if p is group[-1] else info.train_finished
+            infos[p.job.model] = info.model_copy(update={"seconds": max(end - prev, 0.0)})
+            prev = info.train_finished
     finally:
         if cfg.storage_path is None:
-            shutil.rmtree(storage, ignore_errors=True)  # our own temp dir: the copy is out
-    return checkpoint_info(model, out_dir, seconds)
+            shutil.rmtree(storage, ignore_errors=True)  # our own temp dir: the copies are out
+    return infos, error
+
+
+def fit_in_turn(train_fn, group: list[Planned], what: str
+                ) -> dict[str, CheckpointInfo | BaseException]:
+    """Train the group's models one after another in one Ray Train run. A model that fails ends
+    that run: the models before it keep their checkpoints, it gets the error, and the models
+    after it go on in a fresh run."""
+    out: dict[str, CheckpointInfo | BaseException] = {}
+    remaining = list(group)
+    while remaining:
+        try:
+            infos, error = _one_run(train_fn, remaining, what)
+        except Exception as e:  # noqa: BLE001 (the trainer could not be set up)
+            infos, error = {}, e
+        out.update(infos)
+        missing = [p for p in remaining if p.job.model not in infos]
+        if not missing:
+            break
+        if error is None:
+            for p in missing:
+                out[p.job.model] = RuntimeError(
+                    f"job {p.job.model!r}: the {what} run ended without its checkpoint")
+            break
+        out[missing[0].job.model] = error  # models train in order: the first missing failed
+        remaining = missing[1:]
+    return out
 
 
 def checkpoint_info(model: str, out_dir: str, seconds: float) -> CheckpointInfo:
@@ -139,54 +268,53 @@ def checkpoint_info(model: str, out_dir: str, seconds: float) -> CheckpointInfo:
         train_finished=manifest["train_finished"])
 
 
-def run_parallel(jobs: list, fit: Callable[[Any], CheckpointInfo],
-                 what: str) -> dict[str, CheckpointInfo]:
-    """`fit(job)` for every job at once, each from its own driver thread; {job.model: info}.
-    If some fail, the others still finish and one error names every failed job."""
+def train_packed(planned: list[Planned], train_fn, what: str,
+                 runs: int | None = None) -> dict[str, CheckpointInfo]:
+    """Train every planned model: the runs of `pack(planned, runs)` all at once, each from its
+    own driver thread (Ray places their workers as resources allow; a run that does not fit yet
+    waits for its placement group). Returns {model: info} in the given order. If some fail, the
+    others still finish and one error names every failed model."""
     results: dict[str, CheckpointInfo] = {}
     errors: dict[str, BaseException] = {}
     lock = threading.Lock()
 
-    def run(job) -> None:
-        try:
-            info = fit(job)
-        except Exception as e:  # noqa: BLE001 (kept, re-raised below once the others finish)
-            with lock:
-                errors[job.model] = e
-            return
+    def run(group: list[Planned]) -> None:
+        got = fit_in_turn(train_fn, group, what)
         with lock:
-            results[job.model] = info
+            for name, value in got.items():
+                if isinstance(value, BaseException):
+                    errors[name] = value
+                else:
+                    results[name] = value
 
-    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix=what) as pool:
-        list(pool.map(run, jobs))
+    groups = pack(planned, runs)
+    with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix=what) as pool:
+        list(pool.map(run, groups))
     if errors:
         first = next(iter(errors.values()))
-        raise RuntimeError(f"{what} failed for " + ", ".join(
+        raise RuntimeError(f"{what} training failed for " + ", ".join(
             f"{m}: {type(e).__name__}: {e}" for m, e in errors.items())) from first
-    return {j.model: results[j.model] for j in jobs}
+    return {p.job.model: results[p.job.model] for p in planned}
 
 
-def distill_all(jobs: list[tuple] | list[DistillJob],
-                cfg: DistillConfig) -> dict[str, CheckpointInfo]:
-    """Distill every job's model at the same time (one TorchTrainer each, launched from its own
-    driver thread) and return {model: CheckpointInfo}. Jobs are (model, base_model_dir,
-    rows_or_dataset, out_dir[, cfg]) tuples or DistillJobs. Every job is checked before any
-    starts; if some fail, the others still finish and one error names every failed model."""
+def distill_all(jobs: list[tuple] | list[DistillJob], cfg: DistillConfig,
+                runs: int | None = None) -> dict[str, CheckpointInfo]:
+    """Distill every job's model and return {model: CheckpointInfo}. Jobs are (model,
+    base_model_dir, rows_or_dataset, out_dir[, cfg]) tuples or DistillJobs. By default each model
+    has its own TorchTrainer and all run at once; `runs=k` packs them into at most k runs that
+    train their models in turn (see `pack`: fewer worker-group starts where trainers must
+    queue anyway). Every job is checked before any starts; if some fail, the others still
+    finish and one error names every failed model."""
     from moco_ray.distill.trainer import train_worker
 
     preload_imports()
     jobs = [DistillJob(*j) for j in jobs]
     check_distinct(jobs, "model")
     jobs = [j._replace(cfg=j.cfg or cfg) for j in jobs]
-    datasets = {j.model: prepare(j, j.cfg) for j in jobs}
-
-    def fit(job: DistillJob) -> CheckpointInfo:
-        config = {"cfg": job.cfg.model_dump(mode="json"), "model_name": job.model,
-                  "base_model_dir": str(Path(job.base_model_dir).resolve())}
-        return fit_to_dir(train_worker, config, job.model, job.out_dir, job.cfg,
-                          f"distill-{job.model}", datasets={"train": datasets[job.model]})
-
-    return run_parallel(jobs, fit, "distillation")
+    planned = [Planned(j, j.cfg, {"cfg": j.cfg.model_dump(mode="json"), "model_name": j.model,
+                                  "base_model_dir": str(Path(j.base_model_dir).resolve())},
+                       prepare(j, j.cfg)) for j in jobs]
+    return train_packed(planned, train_worker, "distill", runs)
 
 
 def distill_local(model: str, base_model_dir: str, rows: list[dict], out_dir: str,

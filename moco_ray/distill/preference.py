@@ -2,7 +2,8 @@
 
 Both run TRL's trainers (`trl.DPOTrainer`, `trl.GRPOTrainer`) inside Ray Train `TorchTrainer`
 workers, with DeepSpeed (ZeRO 0 or 2, gloo on CPU / NCCL on GPU) configured from the same
-`DistillConfig` the distillation trainer uses, one TorchTrainer per model, all at once:
+`DistillConfig` the distillation trainer uses, one TorchTrainer per model, all at once (or packed
+into fewer runs that train their models in turn: `runs=`, see `launch.pack`):
 
     infos = dpo_train_adapters([PreferenceJob("m1", base_dir, pairs, out_dir)], cfg, beta=0.1)
     info = grpo_train_adapter("agg", base_dir, prompts, reward_fn, out_dir, cfg, GRPOSettings())
@@ -39,11 +40,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from moco_ray.distill.checkpoint import CheckpointInfo, write_manifest
 from moco_ray.distill.config import DistillConfig, deepspeed_config
 from moco_ray.distill.launch import (
+    Planned,
     check_distinct,
     checkpoint_info,
-    fit_to_dir,
     preload_imports,
-    run_parallel,
+    train_packed,
 )
 
 RewardFn = Callable[[str, dict], float]
@@ -333,7 +334,8 @@ def run_preference(kind: Kind, cfg: DistillConfig, base_model_dir: str, rows: li
 
 def preference_worker(config: dict[str, Any]) -> None:
     """Ray Train entry: train, report losses every `report_every` steps (every rank reports
-    after the same steps), then rank 0 reports the adapter as the run's checkpoint."""
+    after the same steps), then rank 0 reports the adapter as a checkpoint whose metrics name
+    `config["job"]` (a `launch.in_turn_worker` run trains several adapters this way)."""
     import ray.train
     import torch
 
@@ -357,10 +359,11 @@ def preference_worker(config: dict[str, Any]) -> None:
             model_name=config["model_name"], on_log=on_log, ray_worker=True)
         if rank == 0:
             assert manifest is not None
-            ray.train.report({"step": manifest["steps"], "loss": manifest["final_loss"]},
+            ray.train.report({"job": config.get("job"), "step": manifest["steps"],
+                              "loss": manifest["final_loss"]},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
-            ray.train.report({"step": -1, "loss": float("nan")})
+            ray.train.report({"job": config.get("job"), "step": -1, "loss": float("nan")})
 
 
 # --- the driver side ------------------------------------------------------------------------
@@ -380,22 +383,18 @@ def _check_job(job: PreferenceJob) -> None:
 
 
 def _run_all(kind: Kind, jobs: list[PreferenceJob], cfg: DistillConfig, beta: float,
-             settings: GRPOSettings | None, reward_fn: RewardFn | None
-             ) -> dict[str, CheckpointInfo]:
+             settings: GRPOSettings | None, reward_fn: RewardFn | None,
+             runs: int | None = None) -> dict[str, CheckpointInfo]:
     preload_imports()
     check_distinct(jobs, "adapter")
     for j in jobs:
         _check_job(j)
-
-    def fit(job: PreferenceJob) -> CheckpointInfo:
-        config = {"kind": kind, "cfg": cfg.model_dump(mode="json"), "model_name": job.model,
-                  "base_model_dir": str(Path(job.base_model_dir).resolve()), "rows": job.rows,
-                  "beta": beta, "settings": settings.model_dump() if settings else None,
-                  "reward_fn": reward_fn, "init_adapter": job.init_adapter}
-        return fit_to_dir(preference_worker, config, job.model, job.out_dir, cfg,
-                          f"{kind}-{job.model}")
-
-    return run_parallel(jobs, fit, f"{kind} training")
+    planned = [Planned(j, cfg, {
+        "kind": kind, "cfg": cfg.model_dump(mode="json"), "model_name": j.model,
+        "base_model_dir": str(Path(j.base_model_dir).resolve()), "rows": j.rows, "beta": beta,
+        "settings": settings.model_dump() if settings else None, "reward_fn": reward_fn,
+        "init_adapter": j.init_adapter}) for j in jobs]
+    return train_packed(planned, preference_worker, kind, runs)
 
 
 def _check_beta(beta: float) -> None:
@@ -404,9 +403,9 @@ def _check_beta(beta: float) -> None:
 
 
 def dpo_train_adapters(jobs: list[PreferenceJob] | list[tuple], cfg: DistillConfig | None = None,
-                       beta: float = 0.1) -> dict[str, CheckpointInfo]:
+                       beta: float = 0.1, runs: int | None = None) -> dict[str, CheckpointInfo]:
     """DPO-train one LoRA adapter per job, all at once (one TorchTrainer each, from driver
-    threads). Job rows are `{"prompt", "chosen", "rejected"}` pairs. Returns {name: info}; if
+    threads), or packed into at most `runs` runs that train their adapters in turn. Job rows are `{"prompt", "chosen", "rejected"}` pairs. Returns {name: info}; if
     some fail, the others still finish and one error names every failed job."""
     cfg = cfg or PREFERENCE_ADAPTER
     _check_cfg(cfg, "dpo", None)
@@ -415,7 +414,7 @@ def dpo_train_adapters(jobs: list[PreferenceJob] | list[tuple], cfg: DistillConf
     jobs = [j._replace(rows=check_pairs(j.rows)) for j in jobs]
     for j in jobs:
         _need_rows(j, cfg, len(j.rows))
-    return _run_all("dpo", jobs, cfg, beta, None, None)
+    return _run_all("dpo", jobs, cfg, beta, None, None, runs)
 
 
 def grpo_train_adapter(model: str, base_model_dir: str, prompts: list[dict],

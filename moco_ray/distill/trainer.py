@@ -181,9 +181,10 @@ def run_training(cfg: DistillConfig, base_model_dir: str, rows: list[dict],
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry (`TorchTrainer(train_worker, train_loop_config=...)`): read this worker's
-    dataset shard, train, report every step's loss (in groups of `report_every`), then save and
-    report the checkpoint (rank 0 writes it; for ZeRO-3 every rank helps gather the weights)."""
+    """Ray Train entry (`TorchTrainer(train_worker, train_loop_config=...)`, or one model of a
+    `launch.in_turn_worker` run): read this worker's shard of `config["dataset"]`, train, report every step's loss (in groups of `report_every`), then save and
+    report the checkpoint, its metrics naming `config["job"]` (rank 0 writes it; for ZeRO-3 every
+    rank helps gather the weights)."""
     import tempfile
 
     import ray.train
@@ -195,7 +196,7 @@ def train_worker(config: dict[str, Any]) -> None:
     cfg = DistillConfig.model_validate(config["cfg"])
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     rank = ray.train.get_context().get_world_rank()
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(config.get("dataset", "train"))
     rows = [plain(r) for r in shard.iter_rows()]
     pending: list[dict[str, Any]] = []
 
@@ -211,7 +212,8 @@ def train_worker(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="moco_ckpt_") as tmp:
         manifest = save_checkpoint(state, cfg, config["base_model_dir"], config["model_name"],
                                    tmp if rank == 0 else None)
-        final = {"step": len(state.losses), "loss": state.losses[-1], "losses": state.losses,
+        final = {"job": config.get("job"), "step": len(state.losses), "loss": state.losses[-1],
+                 "losses": state.losses,
                  "train_entered": state.entered, "train_started": state.started,
                  "train_finished": state.finished}
         if rank == 0:

@@ -29,8 +29,8 @@ DEFAULT_ADAPTER = DistillConfig(method="lora", output="adapter", lora_r=8, lora_
 
 async def train_adapters(ctx: StrategyContext, jobs: dict[str, tuple[str, list[dict]]],
                          cfg: DistillConfig | None = None) -> dict[str, str]:
-    """Train one LoRA adapter per `{name: (pool_model, rows)}`, all at once (one Ray Train run
-    each, DeepSpeed inside), starting from the weights each pool model serves now. Returns
+    """Train one LoRA adapter per `{name: (pool_model, rows)}` (Ray Train runs with DeepSpeed
+    inside; see `run_trainings` for how they share runs), starting from the weights each pool model serves now. Returns
     `{name: adapter_dir}`. Training time is charged to the job's cost as `train:<name>`."""
     cfg = cfg or DEFAULT_ADAPTER
     if cfg.method != "lora" or cfg.output != "adapter":
@@ -46,37 +46,43 @@ async def train_adapters(ctx: StrategyContext, jobs: dict[str, tuple[str, list[d
     bases = {name: await ctx.pool.weights_path(model) for name, (model, _) in jobs.items()}
     specs = [DistillJob(name, bases[name], rows, str(root / name))
              for name, (_, rows) in jobs.items()]
-    infos = await run_trainings(ctx, specs, lambda part: distill_all(part, cfg))
+    infos = await run_trainings(ctx, specs, lambda part, runs: distill_all(part, cfg, runs))
     return {name: infos[name].path for name in jobs}
 
 
 # Adapter trainings at once in this process (the coordinator actor, so across all its jobs);
 # None: no cap (Ray's resource scheduling alone decides).
 _SLOTS: asyncio.Semaphore | None = None
+_CAP = 0
 
 
 def limit_trainings(n: int | None) -> None:
-    """Let at most `n` adapter trainings run at once in this process (None lifts the cap). A
-    CPU node that holds the pool's engines has room for few trainers beside them."""
-    global _SLOTS
+    """Let at most `n` adapter trainings (Ray Train runs) run at once in this process (None lifts
+    the cap). A CPU node that holds the pool's engines has room for few trainers beside them."""
+    global _SLOTS, _CAP
     if n is not None and n < 1:
         raise ValueError(f"max trainings at once must be >= 1 or None, got {n}")
-    _SLOTS = asyncio.Semaphore(n) if n else None
+    _SLOTS, _CAP = (asyncio.Semaphore(n) if n else None), n or 0
 
 
-async def run_trainings(ctx: StrategyContext, specs: list, train: Callable[[list], dict]) -> dict:
-    """`train(specs) -> {name: info}` off the event loop, every spec at once, or one spec per
-    slot under `limit_trainings`. Wall time is charged to the job's cost as `train:<name>`
-    (shared evenly by the specs). `spec.model` is each spec's name."""
+async def run_trainings(ctx: StrategyContext, specs: list,
+                        train: Callable[[list, int | None], dict]) -> dict:
+    """`train(specs, runs) -> {name: info}` off the event loop. Without a cap every spec gets its
+    own Ray Train run, all at once (`runs=None`). Under `limit_trainings(n)` the specs are dealt
+    into at most n groups; each group waits for a slot and trains its specs one after another
+    in ONE run (`runs=1`): a slot held for one run start instead of one per spec. Wall time is
+    charged to the job's cost as `train:<name>` (shared evenly by the specs). `spec.model` is
+    each spec's name."""
     t0 = time.perf_counter()
     if _SLOTS is None:
-        infos = await asyncio.to_thread(train, specs)
+        infos = await asyncio.to_thread(train, specs, None)
     else:
-        async def one(spec):
+        async def one(group: list):
             async with _SLOTS:
-                return await asyncio.to_thread(train, [spec])
+                return await asyncio.to_thread(train, group, 1)
 
-        infos = {k: v for part in await asyncio.gather(*(one(s) for s in specs))
+        n = min(_CAP, len(specs))
+        infos = {k: v for part in await asyncio.gather(*(one(specs[i::n]) for i in range(n)))
                  for k, v in part.items()}
     seconds = time.perf_counter() - t0
     for spec in specs:

@@ -13,20 +13,24 @@ from moco_ray.strategies import training
 
 
 class CountingTrain:
+    """Counts the Ray Train runs in flight together: a call with runs=None starts one run per
+    spec, a call with runs=1 one run for all its specs."""
+
     def __init__(self, seconds: float = 0.05):
         self.seconds = seconds
         self.now = self.peak = 0
-        self.calls: list[list[str]] = []
+        self.calls: list[tuple[list[str], int | None]] = []
         self.lock = threading.Lock()
 
-    def __call__(self, specs: list) -> dict:
+    def __call__(self, specs: list, runs: int | None) -> dict:
+        n = len(specs) if runs is None else runs
         with self.lock:
-            self.now += len(specs)
+            self.now += n
             self.peak = max(self.peak, self.now)
-            self.calls.append([s.model for s in specs])
+            self.calls.append(([s.model for s in specs], runs))
         time.sleep(self.seconds)
         with self.lock:
-            self.now -= len(specs)
+            self.now -= n
         return {s.model: f"info-{s.model}" for s in specs}
 
 
@@ -51,18 +55,21 @@ def test_without_a_cap_every_spec_of_every_job_trains_at_once():
     ctx, train = SimpleNamespace(cost={}), CountingTrain()
     out = _jobs(ctx, train, ["a", "b", "c"], 2)
     assert out == [{"a": "info-a", "b": "info-b", "c": "info-c"}] * 2
-    assert train.peak == 6 and sorted(map(len, train.calls)) == [3, 3]
+    assert train.peak == 6 and train.calls == [(["a", "b", "c"], None)] * 2
     assert ctx.cost["train:a"].calls == 2 and ctx.cost["train:a"].engine_seconds > 0
 
 
-@pytest.mark.parametrize("cap", [1, 2])
-def test_a_cap_bounds_trainings_across_jobs(cap):
+@pytest.mark.parametrize(("cap", "groups"), [(1, [["a", "b", "c"]]), (2, [["a", "c"], ["b"]]),
+                                             (5, [["a"], ["b"], ["c"]])])
+def test_a_cap_bounds_runs_across_jobs_and_packs_each_jobs_specs(cap, groups):
     training.limit_trainings(cap)
     ctx, train = SimpleNamespace(cost={}), CountingTrain()
     out = _jobs(ctx, train, ["a", "b", "c"], 2)
     assert out == [{"a": "info-a", "b": "info-b", "c": "info-c"}] * 2
-    assert train.peak == cap  # one spec per slot, never more than the cap together
-    assert all(len(c) == 1 for c in train.calls) and len(train.calls) == 6
+    # Never more runs together than the cap (both jobs compete for the slots).
+    assert train.peak == min(cap, 2 * len(groups))
+    # Each job's specs are dealt into min(cap, 3) groups, each trained in turn in one run.
+    assert sorted(train.calls) == sorted([(g, 1) for g in groups] * 2)
     assert {k: v.calls for k, v in ctx.cost.items()} == {"train:a": 2, "train:b": 2,
                                                          "train:c": 2}
 

@@ -87,7 +87,7 @@ async def train_grpo(ctx: StrategyContext, name: str, model: str, rows: list[dic
 
     out = Path(ctx.workdir) / f"agglm-grpo-{time.time_ns()}" / name
     base = await ctx.pool.weights_path(model)
-    infos = await run_trainings(ctx, [SimpleNamespace(model=name)], lambda _: {
+    infos = await run_trainings(ctx, [SimpleNamespace(model=name)], lambda *_: {
         name: grpo_train_adapter(name, base, rows, reward, str(out), cfg, settings)})
     return infos[name].path
 
