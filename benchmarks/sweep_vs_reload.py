@@ -14,10 +14,12 @@ models, params and seed; only the PoolClient differs:
             memory), as in the reference. A method needing anything else fails on the baseline
             and is listed as skipped with the reason.
 
-Training (methods that fit adapters) costs the same on both sides and is timed as part of the
-method; `--train-steps` caps those methods' step counts (max_steps / train_steps) to keep a CPU
-run short, and `--max-trainings` caps the Ray Train runs at once (a method's adapters then train
-in turn in shared runs). Every method is timed end to end: fit on dev, then solve on test.
+Training (methods that fit adapters) runs the same trainer code on both sides and is timed as
+part of the method: the pool side on warm trainers (one long-lived Ray Train run, as a sweep with
+`warm_trainers: true`; `--cold-trainers` turns that off), the baseline starting a Ray Train run
+for every training, as the reference starts a trainer per training. `--train-steps` caps those
+methods' step counts (max_steps / train_steps) to keep a CPU run short, and `--max-trainings`
+caps the Ray Train runs at once (a method's adapters then train in turn in shared runs). Every method is timed end to end: fit on dev, then solve on test.
 
     .venv/bin/python benchmarks/sweep_vs_reload.py [--examples 8] [--methods a,b] [--quick]
 """
@@ -71,7 +73,7 @@ class Result:
     base_s: float | None = None
     pool_score: float | None = None
     base_score: float | None = None
-    pool_train_s: float = 0.0  # of pool_s: adapter training (same work on both sides)
+    pool_train_s: float = 0.0  # of pool_s: adapter training (same trainer, warm on the pool)
     base_train_s: float = 0.0
     base_timed_out: float | None = None  # the limit the baseline ran past, if it did
     note: str = ""
@@ -150,6 +152,7 @@ def _why(e: BaseException) -> str:
 
 
 async def sweep(args, pool_client, base_client, task, members, methods, log) -> list[Result]:
+    from moco_ray.distill.launch import cold
     from moco_ray.strategies.base import list_strategies
 
     registry = list_strategies()
@@ -173,9 +176,10 @@ async def sweep(args, pool_client, base_client, task, members, methods, log) -> 
             continue
         loads0 = base_client.loads
         try:
-            res.base_s, res.base_score, res.base_train_s = await timed(
-                make_request(name, cls, task, members, params, "base"), base_client,
-                args.timeout, clock)
+            with cold():  # the baseline starts a training run per training, as the reference
+                res.base_s, res.base_score, res.base_train_s = await timed(
+                    make_request(name, cls, task, members, params, "base"), base_client,
+                    args.timeout, clock)
             res.note = f"{base_client.loads - loads0} model loads"
             if res.pool_train_s or res.base_train_s:
                 res.note += (f"; training {res.pool_train_s:.1f}s pool, "
@@ -281,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
                         "max_trainings; a method's adapters share its runs, training in turn "
                         "(default 1: one trainer beside the pool on a 2-core node; 0: no cap, "
                         "one run per adapter, all at once)")
+    parser.add_argument("--cold-trainers", action="store_true",
+                        help="the pool side too starts a Ray Train run per training (default: "
+                        "it keeps warm trainers, as a sweep with warm_trainers: true; the "
+                        "baseline always starts a run per training)")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
@@ -295,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from moco_ray import zoo
     from moco_ray.bench_baseline import ReloadPerCallClient
+    from moco_ray.distill import launch
     from moco_ray.pool.pool import ModelPool
     from moco_ray.strategies import training
     from moco_ray.strategies.base import list_strategies
@@ -315,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    training.limit_trainings(args.max_trainings or None)  # both sides train the same way
+    training.limit_trainings(args.max_trainings or None)  # both sides
+    launch.keep_warm(not args.cold_trainers)  # the baseline's trainings run in launch.cold()
     task = make_synthetic(TASK, n_dev=args.examples, n_test=args.examples)
     cfg = pool_config()
     members = [m.name for m in cfg.members]

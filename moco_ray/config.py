@@ -138,6 +138,11 @@ class RunConfig(_Frozen):
         None, ge=1, description="adapter trainings (Ray Train runs of the methods that learn) at "
         "once across all jobs; the rest wait for a slot (None: no cap). On a CPU node the pool's "
         "engines leave room for few trainers beside them")
+    warm_trainers: bool = Field(
+        False, description="keep each trainer's Ray Train workers alive between trainings (one "
+        "long-lived run per scaling setup, trainings one at a time; see moco_ray.distill.warm): "
+        "no worker start, imports or handback per training, at the cost of holding the "
+        "trainers' resources while idle")
     pool: PoolConfig
     tasks: list[TaskSpec] = Field(min_length=1)
     jobs: list[JobSpec] = Field(min_length=1)

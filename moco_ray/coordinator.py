@@ -94,13 +94,18 @@ async def run_job(req: JobRequest, pool: PoolClient, job: _Job | None = None) ->
 class Coordinator:
     """Async actor: `submit` jobs, `poll` their records as they finish, read `status` and cost."""
 
-    def __init__(self, pool: PoolClient, max_trainings: int | None = None):
+    def __init__(self, pool: PoolClient, max_trainings: int | None = None,
+                 warm_trainers: bool = False):
         self.pool = pool
         self.jobs: dict[str, _Job] = {}
         if max_trainings is not None:
             from moco_ray.strategies.training import limit_trainings
 
             limit_trainings(max_trainings)
+        if warm_trainers:
+            from moco_ray.distill.launch import keep_warm
+
+            keep_warm(True)
 
     async def submit(self, req: JobRequest) -> str:
         if req.job in self.jobs:

@@ -270,7 +270,8 @@ def run_config(cfg: RunConfig, on_progress=None, pool=None, resume: bool = True,
     try:
         if own_pool:
             pool.start()
-        coord = Coordinator.remote(pool.client(), max_trainings=cfg.max_trainings)
+        coord = Coordinator.remote(pool.client(), max_trainings=cfg.max_trainings,
+                                   warm_trainers=cfg.warm_trainers)
         try:
             new, jobs = run_jobs(coord, todo, on_progress, max_jobs=cfg.max_jobs,
                                  on_done=on_done)

@@ -3,8 +3,10 @@
     from moco_ray.distill import DistillConfig, distill_all
     infos = distill_all([(name, base_dir, rows_or_dataset, out_dir), ...], DistillConfig(...))
 
-Every model trains at the same time, one TorchTrainer each; each returns a checkpoint dir with a
-`moco_checkpoint.json` manifest that `verify_checkpoint` checks before the pool swaps it in.
+Every model trains at the same time, one TorchTrainer each (or `runs=k`: packed into k runs that
+train their models in turn); each returns a checkpoint dir with a `moco_checkpoint.json` manifest
+that `verify_checkpoint` checks before the pool swaps it in. `keep_warm(True)` sends this
+process's trainings to long-lived Ray Train runs instead (`moco_ray.distill.warm`).
 """
 from moco_ray.distill.checkpoint import (
     MANIFEST,
@@ -14,7 +16,8 @@ from moco_ray.distill.checkpoint import (
 )
 from moco_ray.distill.config import DistillConfig
 from moco_ray.distill.data import tokenize_row, tokenize_rows
-from moco_ray.distill.launch import DistillJob, distill_all, distill_local
+from moco_ray.distill.launch import DistillJob, distill_all, distill_local, keep_warm
 
 __all__ = ["MANIFEST", "CheckpointError", "CheckpointInfo", "DistillConfig", "DistillJob",
-           "distill_all", "distill_local", "tokenize_row", "tokenize_rows", "verify_checkpoint"]
+           "distill_all", "distill_local", "keep_warm", "tokenize_row", "tokenize_rows",
+           "verify_checkpoint"]

@@ -9,6 +9,8 @@ handback per run instead of per model.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import re
 import shutil
@@ -78,9 +80,8 @@ def _check_dirs(job: DistillJob) -> None:
 
 
 def prepare(job: DistillJob, cfg: DistillConfig):
-    """A Ray Dataset of tokenized rows. Lists are checked here on the driver (errors name the
-    row index); a Ray Dataset is tokenized lazily by Ray Data."""
-    import ray.data
+    """Tokenized rows: a list for a list (checked here on the driver, errors name the row
+    index), a lazily tokenized Ray Dataset for a Ray Dataset."""
     from transformers import AutoTokenizer
 
     _check_dirs(job)
@@ -92,7 +93,7 @@ def prepare(job: DistillJob, cfg: DistillConfig):
         raise ValueError(f"job {job.model!r}: {len(rows)} rows cannot fill one optimizer step "
                          f"of batch_size * grad_accum * num_workers = {cfg.rows_per_step}; "
                          "fix: add rows or lower those settings")
-    return ray.data.from_items(rows)
+    return rows
 
 
 def check_distinct(jobs, what: str) -> None:
@@ -108,7 +109,8 @@ def check_distinct(jobs, what: str) -> None:
 
 class Planned(NamedTuple):
     """One model of a Ray Train run: its job (`.model`, `.out_dir`), its settings, the worker's
-    config for it, and the Ray Dataset its worker reads as its shard (None: rows in config)."""
+    config for it, and the tokenized rows its worker reads as its shard (a list or a Ray
+    Dataset; None: the rows are in the config)."""
 
     job: Any
     cfg: DistillConfig
@@ -183,6 +185,7 @@ def _one_run(train_fn, group: list[Planned], what: str
     """One `TorchTrainer` (`cfg.num_workers` workers, gloo on CPU, NCCL on GPU) training the
     group's models in turn. Each checkpoint is copied to its job's out_dir and verified. Returns
     ({model: info} of the models that finished, the run's error or None)."""
+    import ray.data
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -192,7 +195,8 @@ def _one_run(train_fn, group: list[Planned], what: str
         config = {**p.config, "job": p.job.model}
         if p.dataset is not None:
             config["dataset"] = f"train_{i}"
-            datasets[config["dataset"]] = p.dataset
+            datasets[config["dataset"]] = (p.dataset if _is_dataset(p.dataset)
+                                           else ray.data.from_items(p.dataset))
         configs.append(config)
     storage = cfg.storage_path or tempfile.mkdtemp(prefix=f"moco_{what}_")
     name = f"{what}-{group[0].job.model}-{time.time_ns()}"
@@ -257,6 +261,71 @@ def fit_in_turn(train_fn, group: list[Planned], what: str
     return out
 
 
+# Warm trainers of this process by scaling setup (None: every training starts its own run).
+_WARM: dict[tuple, Any] | None = None
+_WARM_LOCK = threading.Lock()
+
+
+def keep_warm(on: bool) -> None:
+    """Route this process's trainings (distill_all, dpo_train_adapters, grpo_train_adapter) to
+    warm trainers, one long-lived Ray Train run per scaling setup (see `moco_ray.distill.warm`),
+    or stop them (`False`; also done at exit)."""
+    global _WARM
+    with _WARM_LOCK:
+        if on and _WARM is not None:
+            return  # already on: keep the trainers that are up
+        hosts, _WARM = (_WARM or {}), ({} if on else None)
+    for host in hosts.values():
+        host.close()
+    if on:
+        atexit.unregister(_stop_warm)
+        atexit.register(_stop_warm)
+
+
+def _stop_warm() -> None:
+    keep_warm(False)
+
+
+@contextlib.contextmanager
+def cold():
+    """Trainings started in this block (from any thread) each start their own run, as without
+    `keep_warm`; the warm trainers stay up for after it."""
+    global _WARM
+    with _WARM_LOCK:
+        hosts, _WARM = _WARM, None
+    try:
+        yield
+    finally:
+        with _WARM_LOCK:
+            _WARM = hosts
+
+
+def warm_trainers() -> dict[tuple, Any]:
+    """The warm trainers started so far, by (workers, CPUs each, GPU, storage)."""
+    return dict(_WARM or {})
+
+
+def fit_warm(train_fn, group: list[Planned]) -> dict[str, CheckpointInfo | BaseException]:
+    """The group's models one after another on the warm trainer of their scaling setup."""
+    from moco_ray.distill.data import plain
+    from moco_ray.distill.warm import WarmTrainer
+
+    out: dict[str, CheckpointInfo | BaseException] = {}
+    for p in group:
+        with _WARM_LOCK:
+            if _WARM is None:
+                raise RuntimeError("warm trainers were stopped while trainings were queued")
+            host = _WARM.setdefault(_scaling(p.cfg), WarmTrainer(p.cfg))
+        try:
+            rows = p.dataset
+            if rows is not None and _is_dataset(rows):  # its rows travel with the job
+                rows = [plain(r) for r in rows.iter_rows()]
+            out[p.job.model] = host.train(p.job.model, p.job.out_dir, p.config, train_fn, rows)
+        except Exception as e:  # noqa: BLE001 (reported with the others' results)
+            out[p.job.model] = e
+    return out
+
+
 def checkpoint_info(model: str, out_dir: str, seconds: float) -> CheckpointInfo:
     """Verify the checkpoint in `out_dir` and describe it."""
     manifest = verify_checkpoint(out_dir)
@@ -272,14 +341,17 @@ def train_packed(planned: list[Planned], train_fn, what: str,
                  runs: int | None = None) -> dict[str, CheckpointInfo]:
     """Train every planned model: the runs of `pack(planned, runs)` all at once, each from its
     own driver thread (Ray places their workers as resources allow; a run that does not fit yet
-    waits for its placement group). Returns {model: info} in the given order. If some fail, the
+    waits for its placement group); under `keep_warm(True)` each group goes to the warm trainer
+    of its scaling setup instead. Returns {model: info} in the given order. If some fail, the
     others still finish and one error names every failed model."""
     results: dict[str, CheckpointInfo] = {}
     errors: dict[str, BaseException] = {}
     lock = threading.Lock()
 
+    warm = _WARM is not None
+
     def run(group: list[Planned]) -> None:
-        got = fit_in_turn(train_fn, group, what)
+        got = fit_warm(train_fn, group) if warm else fit_in_turn(train_fn, group, what)
         with lock:
             for name, value in got.items():
                 if isinstance(value, BaseException):

@@ -335,7 +335,8 @@ def run_preference(kind: Kind, cfg: DistillConfig, base_model_dir: str, rows: li
 def preference_worker(config: dict[str, Any]) -> None:
     """Ray Train entry: train, report losses every `report_every` steps (every rank reports
     after the same steps), then rank 0 reports the adapter as a checkpoint whose metrics name
-    `config["job"]` (a `launch.in_turn_worker` run trains several adapters this way)."""
+    `config["job"]` (a `launch.in_turn_worker` run trains several adapters this way). On a warm
+    trainer (`config["out_dir"]` set) rank 0 writes the adapter there and reports nothing."""
     import ray.train
     import torch
 
@@ -351,6 +352,13 @@ def preference_worker(config: dict[str, Any]) -> None:
             pending.clear()
 
     settings = GRPOSettings.model_validate(config["settings"]) if config["settings"] else None
+    if "out_dir" in config:  # a warm trainer: rank 0 writes the adapter where the driver wants it
+        run_preference(
+            config["kind"], cfg, config["base_model_dir"], config["rows"],
+            config["out_dir"] if rank == 0 else None, beta=config["beta"], settings=settings,
+            reward_fn=config["reward_fn"], init_adapter=config["init_adapter"],
+            model_name=config["model_name"], ray_worker=True)
+        return
     with tempfile.TemporaryDirectory(prefix="moco_pref_ckpt_") as tmp:
         manifest = run_preference(
             config["kind"], cfg, config["base_model_dir"], config["rows"],

@@ -182,9 +182,12 @@ def run_training(cfg: DistillConfig, base_model_dir: str, rows: list[dict],
 
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train entry (`TorchTrainer(train_worker, train_loop_config=...)`, or one model of a
-    `launch.in_turn_worker` run): read this worker's shard of `config["dataset"]`, train, report every step's loss (in groups of `report_every`), then save and
-    report the checkpoint, its metrics naming `config["job"]` (rank 0 writes it; for ZeRO-3 every
-    rank helps gather the weights)."""
+    `launch.in_turn_worker` run): read this worker's shard of `config["dataset"]`, train,
+    report every step's loss (in groups of `report_every`), then save and report the checkpoint,
+    its metrics naming `config["job"]` (rank 0 writes it; for ZeRO-3 every rank helps gather the
+    weights). On a warm trainer (`config["out_dir"]` set, see `moco_ray.distill.warm`) the rows
+    come in `config["rows"]` (each rank takes every world-th), and rank 0 writes the checkpoint
+    into out_dir instead of reporting it."""
     import tempfile
 
     import ray.train
@@ -195,9 +198,14 @@ def train_worker(config: dict[str, Any]) -> None:
     entered = time.time()
     cfg = DistillConfig.model_validate(config["cfg"])
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    rank = ray.train.get_context().get_world_rank()
-    shard = ray.train.get_dataset_shard(config.get("dataset", "train"))
-    rows = [plain(r) for r in shard.iter_rows()]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    warm = "out_dir" in config
+    if warm:
+        rows = config["rows"][rank::world]
+    else:
+        shard = ray.train.get_dataset_shard(config.get("dataset", "train"))
+        rows = [plain(r) for r in shard.iter_rows()]
     pending: list[dict[str, Any]] = []
 
     def on_step(metrics: dict[str, Any]) -> None:
@@ -207,8 +215,12 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report({**pending[-1], "losses": [m["loss"] for m in pending]})
             pending.clear()
 
-    state = run_training(cfg, config["base_model_dir"], rows, on_step=on_step)
+    state = run_training(cfg, config["base_model_dir"], rows, on_step=None if warm else on_step)
     state.entered = entered  # the run began with the worker, before its data shard was read
+    if warm:  # the losses are in the manifest; the run itself reports nothing
+        save_checkpoint(state, cfg, config["base_model_dir"], config["model_name"],
+                        config["out_dir"] if rank == 0 else None)
+        return
     with tempfile.TemporaryDirectory(prefix="moco_ckpt_") as tmp:
         manifest = save_checkpoint(state, cfg, config["base_model_dir"], config["model_name"],
                                    tmp if rank == 0 else None)
