@@ -393,7 +393,7 @@ def distill_local(model: str, base_model_dir: str, rows: list[dict], out_dir: st
                   cfg: DistillConfig) -> CheckpointInfo:
     """One model in this process on one rank (no Ray): the same loop and checkpoint as a
     worker. For debugging and quick checks; `cfg.num_workers` must be 1."""
-    from moco_ray.distill.trainer import run_training
+    from moco_ray.distill.trainer import release_engine, run_training
 
     if cfg.num_workers != 1:
         raise ValueError(f"distill_local runs one rank; num_workers={cfg.num_workers}; "
@@ -407,4 +407,5 @@ def distill_local(model: str, base_model_dir: str, rows: list[dict], out_dir: st
     t0 = time.perf_counter()
     state = run_training(cfg, base_model_dir, tokenized)
     save_checkpoint(state, cfg, base_model_dir, model, out_dir)
+    release_engine(state.engine)
     return checkpoint_info(model, out_dir, time.perf_counter() - t0)

@@ -249,7 +249,7 @@ def run_preference(kind: Kind, cfg: DistillConfig, base_model_dir: str, rows: li
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from moco_ray.distill.trainer import ensure_process_group
+    from moco_ray.distill.trainer import ensure_process_group, release_engine
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     if not ray_worker:  # one local rank: what accelerate reads when no launcher set it up
@@ -309,9 +309,24 @@ def run_preference(kind: Kind, cfg: DistillConfig, base_model_dir: str, rows: li
         trainer.add_callback(_Log())
         trainer.train()
         finished = time.time()
-    if rank != 0:
+    try:
+        return _save_adapter(kind, cfg, trainer, tokenizer, out_dir if rank == 0 else None, log,
+                             base_model_dir=base_model_dir, model_name=model_name, beta=beta,
+                             settings=settings, init_adapter=init_adapter, world=world,
+                             entered=entered, started=started[0] if started else entered,
+                             finished=finished)
+    finally:  # free the model now: later trainings in this process need the memory
+        release_engine(getattr(trainer, "deepspeed", None))
+        trainer.accelerator.free_memory()
+
+
+def _save_adapter(kind: Kind, cfg: DistillConfig, trainer, tokenizer, out_dir: str | None,
+                  log: list[dict], *, base_model_dir: str, model_name: str, beta: float,
+                  settings: GRPOSettings | None, init_adapter: str | None, world: int,
+                  entered: float, started: float, finished: float) -> dict | None:
+    """Rank 0 (the one given an out_dir) saves the trained adapter and its manifest."""
+    if out_dir is None:
         return None
-    assert out_dir is not None, "rank 0 needs an out_dir"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # ZeRO 0/2 keep whole weights on every rank; save only the trained adapter (TRL may hold a
@@ -328,7 +343,7 @@ def run_preference(kind: Kind, cfg: DistillConfig, base_model_dir: str, rows: li
         "output": "adapter", "objective": kind, "beta": beta if kind == "dpo" else None,
         "init_adapter": init_adapter, "zero_stage": cfg.zero_stage, "world_size": world,
         "steps": len(losses), "final_loss": losses[-1] if losses else None, "losses": losses,
-        **extra, "train_entered": entered, "train_started": started[0] if started else entered,
+        **extra, "train_entered": entered, "train_started": started,
         "train_finished": finished, "config": cfg.model_dump(mode="json")})
 
 

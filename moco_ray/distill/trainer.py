@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 StepHook = Callable[[dict[str, Any]], None]
 
 
+def release_engine(engine) -> None:
+    """Free a DeepSpeed engine's model and optimizer now. Its hooks keep it reachable after the
+    loop returns: without this, every model trained in one process (a run training several in
+    turn, a warm trainer) stayed in memory, ~0.55 GB more per SmolLM2-135M adapter."""
+    if engine is not None and hasattr(engine, "destroy"):
+        engine.destroy()
+
+
 @dataclass
 class TrainState:
     """What a finished loop hands to checkpointing (on every rank)."""
@@ -220,10 +228,12 @@ def train_worker(config: dict[str, Any]) -> None:
     if warm:  # the losses are in the manifest; the run itself reports nothing
         save_checkpoint(state, cfg, config["base_model_dir"], config["model_name"],
                         config["out_dir"] if rank == 0 else None)
+        release_engine(state.engine)
         return
     with tempfile.TemporaryDirectory(prefix="moco_ckpt_") as tmp:
         manifest = save_checkpoint(state, cfg, config["base_model_dir"], config["model_name"],
                                    tmp if rank == 0 else None)
+        release_engine(state.engine)
         final = {"job": config.get("job"), "step": len(state.losses), "loss": state.losses[-1],
                  "losses": state.losses,
                  "train_entered": state.entered, "train_started": state.started,

@@ -3,6 +3,8 @@ trains exactly as it would alone, and that a model failing mid-run loses nothing
 and stops nothing after it."""
 from __future__ import annotations
 
+import gc
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +15,7 @@ from moco_ray.distill import DistillConfig, DistillJob, distill_all, verify_chec
 from moco_ray.distill.data import tokenize_rows
 from moco_ray.distill.launch import Planned, first_cause, pack
 from moco_ray.distill.preference import PreferenceJob, dpo_margins, dpo_train_adapters
-from moco_ray.distill.trainer import run_training
+from moco_ray.distill.trainer import release_engine, run_training
 
 
 def _planned(name: str, **cfg) -> Planned:
@@ -91,3 +93,17 @@ def test_two_dpo_adapters_in_one_run_each_learn_their_own_pairs(ray_session, tin
     # adapter: each prefers what its own pairs preferred.
     assert all(m > 0 for m in dpo_margins(base, infos["right"].path, PAIRS))
     assert all(m < 0 for m in dpo_margins(base, infos["wrong"].path, PAIRS))
+
+
+def test_a_released_engine_frees_its_model(tiny_models, memo_rows):
+    # DeepSpeed's hooks keep an engine reachable after the loop: a process that trains model
+    # after model (a run in turn, a warm trainer) kept every one of them until this.
+    base = tiny_models["student"]
+    cfg = DistillConfig(method="lora", output="adapter", batch_size=2, max_steps=1)
+    state = run_training(cfg, base, tokenize_rows(memo_rows, AutoTokenizer.from_pretrained(base),
+                                                  cfg.max_seq_len))
+    model = weakref.ref(state.engine.module)
+    release_engine(state.engine)
+    del state
+    gc.collect()
+    assert model() is None
