@@ -26,13 +26,17 @@ def warm():
 def test_one_warm_run_trains_sft_and_dpo_adapters_and_outlives_a_failed_model(
         warm, ray_session, tiny_models, memo_rows, tmp_path):
     base = tiny_models["student"]
-    cfg = DistillConfig(method="lora", output="adapter", batch_size=2, lr=1e-2, max_steps=4)
-    alone = run_training(cfg, base, tokenize_rows(memo_rows, AutoTokenizer.from_pretrained(base),
-                                                  cfg.max_seq_len))  # one rank, in this process
+    # Two ranks (rank 0 hands every job to the other), 2 x batch 2 = all 4 rows every step: the
+    # same steps as one rank with batch 4, trained here in this process for reference.
+    cfg = DistillConfig(method="lora", output="adapter", batch_size=2, num_workers=2, lr=1e-2,
+                        max_steps=4)
+    one_rank = cfg.model_copy(update={"num_workers": 1, "batch_size": 4})
+    alone = run_training(one_rank, base, tokenize_rows(
+        memo_rows, AutoTokenizer.from_pretrained(base), cfg.max_seq_len))
     infos = distill_all([("a", base, memo_rows, str(tmp_path / "a")),
                          ("b", base, memo_rows, str(tmp_path / "b"))], cfg)
     for info in infos.values():
-        assert info.losses == pytest.approx(alone.losses, rel=1e-5)  # as a fresh run trains
+        assert info.losses == pytest.approx(alone.losses, rel=1e-3)  # as a fresh run trains
         assert verify_checkpoint(info.path)["output"] == "adapter"
     [host] = launch.warm_trainers().values()
     assert host.alive and host.runs == 1
@@ -46,7 +50,7 @@ def test_one_warm_run_trains_sft_and_dpo_adapters_and_outlives_a_failed_model(
         distill_all([("bad", str(broken), memo_rows, str(tmp_path / "bad"))], cfg)
 
     # The same run goes on, and a DPO adapter trains on it as on its own run.
-    dcfg = LOCAL.model_copy(update={"batch_size": 1, "max_steps": 6})
+    dcfg = LOCAL.model_copy(update={"batch_size": 1, "num_workers": 2, "max_steps": 6})
     dpo = dpo_train_adapters([PreferenceJob("right", base, PAIRS, str(tmp_path / "right"))],
                              dcfg, beta=0.1)["right"]
     assert all(m > 0 for m in dpo_margins(base, dpo.path, PAIRS))
@@ -55,4 +59,4 @@ def test_one_warm_run_trains_sft_and_dpo_adapters_and_outlives_a_failed_model(
     with launch.cold():  # trainings here start their own run; the warm one waits
         distill_all([("c", base, memo_rows, str(tmp_path / "c"))], cfg)
     assert host.alive and host.runs == 1
-    assert verify_checkpoint(tmp_path / "c")["losses"] == pytest.approx(alone.losses, rel=1e-5)
+    assert verify_checkpoint(tmp_path / "c")["losses"] == pytest.approx(alone.losses, rel=1e-3)
