@@ -19,7 +19,8 @@ part of the method: the pool side on warm trainers (one long-lived Ray Train run
 `warm_trainers: true`; `--cold-trainers` turns that off), the baseline starting a Ray Train run
 for every training, as the reference starts a trainer per training. `--train-steps` caps those
 methods' step counts (max_steps / train_steps) to keep a CPU run short, and `--max-trainings`
-caps the Ray Train runs at once (a method's adapters then train in turn in shared runs). Every method is timed end to end: fit on dev, then solve on test.
+caps the Ray Train runs at once (a method's adapters then train in turn in shared runs). Every
+method is timed end to end: fit on dev, then solve on test.
 
     .venv/bin/python benchmarks/sweep_vs_reload.py [--examples 8] [--methods a,b] [--quick]
 """

@@ -167,7 +167,27 @@ def in_turn_worker(config: dict[str, Any]) -> None:
         except Exception as e:
             # Ray shows the head and tail of a worker's traceback: end it with the model's name
             # and the first cause (a bad row, a missing file), not a wrapper's message.
-            raise RuntimeError(f"model {job['job']!r} failed: {first_cause(e)}") from e
+            raise RuntimeError(job_failed(job, e)) from e
+
+
+def job_failed(job: dict[str, Any], e: BaseException) -> str:
+    """What a worker says of a model that failed: its name and the first cause."""
+    return f"model {job['job']!r} failed: {first_cause(e)}"
+
+
+def make_trainer(train_fn, loop_config: dict, cfg: DistillConfig, name: str, storage: str,
+                 datasets: dict | None = None, **run_kw):
+    """A `TorchTrainer` over `cfg.num_workers` workers (gloo on CPU, NCCL on GPU); `run_kw` go
+    to its RunConfig."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_fn, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=storage, **run_kw), datasets=datasets)
 
 
 def _saved_result(storage: str, name: str):
@@ -182,12 +202,11 @@ def _saved_result(storage: str, name: str):
 
 def _one_run(train_fn, group: list[Planned], what: str
              ) -> tuple[dict[str, CheckpointInfo], BaseException | None]:
-    """One `TorchTrainer` (`cfg.num_workers` workers, gloo on CPU, NCCL on GPU) training the
-    group's models in turn. Each checkpoint is copied to its job's out_dir and verified. Returns
+    """One `TorchTrainer` (`make_trainer`) training the group's models in turn. Each checkpoint
+    is copied to its job's out_dir and verified. Returns
     ({model: info} of the models that finished, the run's error or None)."""
     import ray.data
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig
 
     cfg = group[0].cfg
     configs, datasets = [], {}
@@ -200,14 +219,9 @@ def _one_run(train_fn, group: list[Planned], what: str
         configs.append(config)
     storage = cfg.storage_path or tempfile.mkdtemp(prefix=f"moco_{what}_")
     name = f"{what}-{group[0].job.model}-{time.time_ns()}"
-    trainer = TorchTrainer(
-        in_turn_worker, train_loop_config={"worker": train_fn, "jobs": configs},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=storage,
-                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
-        datasets=datasets or None)
+    trainer = make_trainer(in_turn_worker, {"worker": train_fn, "jobs": configs}, cfg, name,
+                           storage, checkpoint_config=CheckpointConfig(num_to_keep=None),
+                           datasets=datasets or None)
     t0 = time.time()
     error: BaseException | None = None
     infos: dict[str, CheckpointInfo] = {}

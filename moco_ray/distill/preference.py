@@ -310,41 +310,30 @@ def run_preference(kind: Kind, cfg: DistillConfig, base_model_dir: str, rows: li
         trainer.train()
         finished = time.time()
     try:
-        return _save_adapter(kind, cfg, trainer, tokenizer, out_dir if rank == 0 else None, log,
-                             base_model_dir=base_model_dir, model_name=model_name, beta=beta,
-                             settings=settings, init_adapter=init_adapter, world=world,
-                             entered=entered, started=started[0] if started else entered,
-                             finished=finished)
+        if rank != 0:
+            return None
+        assert out_dir is not None, "rank 0 needs an out_dir"
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        # ZeRO 0/2 keep whole weights on every rank; save only the trained adapter (TRL may hold a
+        # frozen 'ref' copy of an initial adapter next to it).
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
+            str(out), selected_adapters=["default"])
+        tokenizer.save_pretrained(str(out))
+        losses = [e["loss"] for e in log]
+        extra = {"margins": [e.get("rewards/margins") for e in log]} if kind == "dpo" else {
+            "rewards": [e.get("reward") for e in log], "kl": [e.get("kl") for e in log],
+            "settings": settings.model_dump() if settings else None}
+        return write_manifest(out, {
+            "model": model_name, "base_model": str(base_model_dir), "method": "lora",
+            "output": "adapter", "objective": kind, "beta": beta if kind == "dpo" else None,
+            "init_adapter": init_adapter, "zero_stage": cfg.zero_stage, "world_size": world,
+            "steps": len(losses), "final_loss": losses[-1] if losses else None, "losses": losses,
+            **extra, "train_entered": entered, "train_started": started[0] if started else entered,
+            "train_finished": finished, "config": cfg.model_dump(mode="json")})
     finally:  # free the model now: later trainings in this process need the memory
         release_engine(getattr(trainer, "deepspeed", None))
         trainer.accelerator.free_memory()
-
-
-def _save_adapter(kind: Kind, cfg: DistillConfig, trainer, tokenizer, out_dir: str | None,
-                  log: list[dict], *, base_model_dir: str, model_name: str, beta: float,
-                  settings: GRPOSettings | None, init_adapter: str | None, world: int,
-                  entered: float, started: float, finished: float) -> dict | None:
-    """Rank 0 (the one given an out_dir) saves the trained adapter and its manifest."""
-    if out_dir is None:
-        return None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # ZeRO 0/2 keep whole weights on every rank; save only the trained adapter (TRL may hold a
-    # frozen 'ref' copy of an initial adapter next to it).
-    trainer.accelerator.unwrap_model(trainer.model).save_pretrained(
-        str(out), selected_adapters=["default"])
-    tokenizer.save_pretrained(str(out))
-    losses = [e["loss"] for e in log]
-    extra = {"margins": [e.get("rewards/margins") for e in log]} if kind == "dpo" else {
-        "rewards": [e.get("reward") for e in log], "kl": [e.get("kl") for e in log],
-        "settings": settings.model_dump() if settings else None}
-    return write_manifest(out, {
-        "model": model_name, "base_model": str(base_model_dir), "method": "lora",
-        "output": "adapter", "objective": kind, "beta": beta if kind == "dpo" else None,
-        "init_adapter": init_adapter, "zero_stage": cfg.zero_stage, "world_size": world,
-        "steps": len(losses), "final_loss": losses[-1] if losses else None, "losses": losses,
-        **extra, "train_entered": entered, "train_started": started,
-        "train_finished": finished, "config": cfg.model_dump(mode="json")})
 
 
 def preference_worker(config: dict[str, Any]) -> None:
@@ -367,19 +356,16 @@ def preference_worker(config: dict[str, Any]) -> None:
             pending.clear()
 
     settings = GRPOSettings.model_validate(config["settings"]) if config["settings"] else None
-    if "out_dir" in config:  # a warm trainer: rank 0 writes the adapter where the driver wants it
-        run_preference(
-            config["kind"], cfg, config["base_model_dir"], config["rows"],
-            config["out_dir"] if rank == 0 else None, beta=config["beta"], settings=settings,
-            reward_fn=config["reward_fn"], init_adapter=config["init_adapter"],
-            model_name=config["model_name"], ray_worker=True)
-        return
+    warm = "out_dir" in config  # a warm trainer: rank 0 writes the adapter where the driver wants
     with tempfile.TemporaryDirectory(prefix="moco_pref_ckpt_") as tmp:
         manifest = run_preference(
             config["kind"], cfg, config["base_model_dir"], config["rows"],
-            tmp if rank == 0 else None, beta=config["beta"], settings=settings,
-            reward_fn=config["reward_fn"], init_adapter=config["init_adapter"],
-            model_name=config["model_name"], on_log=on_log, ray_worker=True)
+            (config["out_dir"] if warm else tmp) if rank == 0 else None, beta=config["beta"],
+            settings=settings, reward_fn=config["reward_fn"],
+            init_adapter=config["init_adapter"], model_name=config["model_name"],
+            on_log=None if warm else on_log, ray_worker=True)
+        if warm:  # the adapter is in place; the run itself reports nothing
+            return
         if rank == 0:
             assert manifest is not None
             ray.train.report({"job": config.get("job"), "step": manifest["steps"],
@@ -428,8 +414,9 @@ def _check_beta(beta: float) -> None:
 def dpo_train_adapters(jobs: list[PreferenceJob] | list[tuple], cfg: DistillConfig | None = None,
                        beta: float = 0.1, runs: int | None = None) -> dict[str, CheckpointInfo]:
     """DPO-train one LoRA adapter per job, all at once (one TorchTrainer each, from driver
-    threads), or packed into at most `runs` runs that train their adapters in turn. Job rows are `{"prompt", "chosen", "rejected"}` pairs. Returns {name: info}; if
-    some fail, the others still finish and one error names every failed job."""
+    threads), or packed into at most `runs` runs that train their adapters in turn. Job rows are
+    `{"prompt", "chosen", "rejected"}` pairs. Returns {name: info}; if some fail, the others
+    still finish and one error names every failed job."""
     cfg = cfg or PREFERENCE_ADAPTER
     _check_cfg(cfg, "dpo", None)
     _check_beta(beta)

@@ -225,19 +225,15 @@ def train_worker(config: dict[str, Any]) -> None:
 
     state = run_training(cfg, config["base_model_dir"], rows, on_step=None if warm else on_step)
     state.entered = entered  # the run began with the worker, before its data shard was read
-    if warm:  # the losses are in the manifest; the run itself reports nothing
-        save_checkpoint(state, cfg, config["base_model_dir"], config["model_name"],
-                        config["out_dir"] if rank == 0 else None)
-        release_engine(state.engine)
-        return
     with tempfile.TemporaryDirectory(prefix="moco_ckpt_") as tmp:
         manifest = save_checkpoint(state, cfg, config["base_model_dir"], config["model_name"],
-                                   tmp if rank == 0 else None)
+                                   (config["out_dir"] if warm else tmp) if rank == 0 else None)
         release_engine(state.engine)
+        if warm:  # the checkpoint is in place, losses in its manifest; the run reports nothing
+            return
         final = {"job": config.get("job"), "step": len(state.losses), "loss": state.losses[-1],
-                 "losses": state.losses,
-                 "train_entered": state.entered, "train_started": state.started,
-                 "train_finished": state.finished}
+                 "losses": state.losses, "train_entered": state.entered,
+                 "train_started": state.started, "train_finished": state.finished}
         if rank == 0:
             assert manifest is not None
             ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -49,23 +49,18 @@ class _Board:
     """Jobs for a warm trainer's workers and their answers (an async Ray actor)."""
 
     def __init__(self):
-        self._jobs: asyncio.Queue | None = None
+        self._jobs: asyncio.Queue = asyncio.Queue()
         self._done: dict[str, asyncio.Event] = {}
         self._errors: dict[str, str | None] = {}
-
-    def _queue(self) -> asyncio.Queue:
-        if self._jobs is None:
-            self._jobs = asyncio.Queue()
-        return self._jobs
 
     async def put(self, job: Any, key: str | None = None) -> None:
         if key is not None:
             self._done[key] = asyncio.Event()
-        await self._queue().put(job)
+        await self._jobs.put(job)
 
     async def next(self, timeout: float) -> Any:
         try:
-            return await asyncio.wait_for(self._queue().get(), timeout)
+            return await asyncio.wait_for(self._jobs.get(), timeout)
         except TimeoutError:
             return None
 
@@ -85,7 +80,7 @@ class _Board:
     def drain(self) -> int:
         """Drop queued jobs (those of a run that died); returns how many."""
         n = 0
-        while self._jobs is not None and not self._jobs.empty():
+        while not self._jobs.empty():
             self._jobs.get_nowait()
             n += 1
         return n
@@ -99,7 +94,7 @@ def host_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from moco_ray.distill.launch import first_cause
+    from moco_ray.distill.launch import job_failed
     from moco_ray.memory import release_memory
 
     board = config["board"]
@@ -119,7 +114,7 @@ def host_worker(config: dict[str, Any]) -> None:
             job["worker"](job)
         except Exception as e:
             log.exception("warm trainer: model %r failed", job["job"])
-            error = f"model {job['job']!r} failed: {first_cause(e)}"
+            error = job_failed(job, e)
         if rank == 0:
             ray.get(board.done.remote(job["key"], error))
         release_memory()
@@ -144,8 +139,8 @@ class WarmTrainer:
 
     def _start(self) -> None:
         import ray
-        from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
+
+        from moco_ray.distill.launch import make_trainer
 
         if self._board is None:
             self._board = ray.remote(num_cpus=0)(_Board).remote()
@@ -153,13 +148,8 @@ class WarmTrainer:
             log.warning("warm trainer: dropped %d jobs of the run that ended", dropped)
         cfg = self.cfg
         self._storage = cfg.storage_path or tempfile.mkdtemp(prefix="moco_warm_")
-        trainer = TorchTrainer(
-            host_worker, train_loop_config={"board": self._board},
-            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                         resources_per_worker={"CPU": cfg.cpus_per_worker}),
-            torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-            run_config=RunConfig(name=f"warm-trainer-{time.time_ns()}",
-                                 storage_path=self._storage))
+        trainer = make_trainer(host_worker, {"board": self._board}, cfg,
+                               f"warm-trainer-{time.time_ns()}", self._storage)
         self._error = None
 
         def fit() -> None:

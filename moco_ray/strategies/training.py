@@ -30,8 +30,8 @@ DEFAULT_ADAPTER = DistillConfig(method="lora", output="adapter", lora_r=8, lora_
 async def train_adapters(ctx: StrategyContext, jobs: dict[str, tuple[str, list[dict]]],
                          cfg: DistillConfig | None = None) -> dict[str, str]:
     """Train one LoRA adapter per `{name: (pool_model, rows)}` (Ray Train runs with DeepSpeed
-    inside; see `run_trainings` for how they share runs), starting from the weights each pool model serves now. Returns
-    `{name: adapter_dir}`. Training time is charged to the job's cost as `train:<name>`."""
+    inside; see `run_trainings` for how they share runs), starting from the weights each pool
+    model serves now. Returns `{name: adapter_dir}`. Training time is charged to the job's cost as `train:<name>`."""
     cfg = cfg or DEFAULT_ADAPTER
     if cfg.method != "lora" or cfg.output != "adapter":
         raise ValueError("a job trains LoRA adapters served per request (method='lora', "

@@ -190,7 +190,8 @@ async def train_dpo(ctx: StrategyContext, jobs: dict[str, tuple[str, list[dict],
     specs = [PreferenceJob(name, await ctx.pool.weights_path(model), pairs, str(root / name),
                            init)
              for name, (model, pairs, init) in jobs.items()]
-    infos = await run_trainings(ctx, specs, lambda part, runs: dpo_train_adapters(part, cfg, beta, runs))
+    infos = await run_trainings(
+        ctx, specs, lambda part, runs: dpo_train_adapters(part, cfg, beta, runs))
     return {name: infos[name].path for name in jobs}
 
 
