@@ -13,8 +13,9 @@ import argparse
 import asyncio
 import time
 
-from moco_ray import zoo
-from moco_ray.engines.base import EngineSpec, build_engine
+from moco_ray import models
+from moco_ray.config import EngineSpec
+from moco_ray.engines.registry import build_engine
 from moco_ray.records import SamplingParams
 
 TOPICS = ["the sea", "a robot", "winter", "a lost key", "trains", "the moon", "bread", "a river",
@@ -48,7 +49,7 @@ async def measure(kind: str, path: str, batch: int, max_tokens: int, repeats: in
 async def main(args) -> None:
     rows = []
     for model in args.models:
-        path = zoo.resolve_path(model)
+        path = models.resolve_path(model)
         hf = await measure("hf", path, args.batch, args.max_tokens, args.repeats)
         vl = await measure("vllm", path, args.batch, args.max_tokens, args.repeats)
         same = sum(a == b for a, b in zip(hf["ids"], vl["ids"]))

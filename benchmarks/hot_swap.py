@@ -31,9 +31,9 @@ for k, v in (("RAY_AUTH_MODE", "disabled"), ("VLLM_ENABLE_V1_MULTIPROCESSING", "
 import ray
 from ray import serve
 
-from moco_ray import zoo
+from moco_ray import models
 from moco_ray.config import ModelSpec, PoolConfig
-from moco_ray.distill.checkpoint import write_manifest
+from moco_ray.models.checkpoint import write_manifest
 from moco_ray.pool import ModelPool
 from moco_ray.pool.server import ModelServer
 from moco_ray.records import SamplingParams
@@ -79,7 +79,7 @@ def first_new(log, since: float, ids: tuple, version: int | None) -> float | Non
 
 def checkpoint(root: str, zoo_name: str, name: str) -> str:
     """A distilled-style checkpoint: a model dir plus its manifest (sha256 of the weights)."""
-    out = shutil.copytree(zoo.resolve_path(zoo_name), Path(root) / name)
+    out = shutil.copytree(models.resolve_path(zoo_name), Path(root) / name)
     write_manifest(out, {"model": "bench", "method": "copy"})
     return str(out)
 

@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def make_models(root: Path, n: int) -> list[str]:
-    from moco_ray import zoo
+    from moco_ray.models import zoo
 
     tok = zoo.make_tokenizer(root / "tok", zoo.tiny_corpus(), vocab_size=320)
     return [str(zoo.make_tiny_llama(root / f"m{i}", tok, seed=i, hidden_size=64, num_layers=2,
@@ -35,7 +35,7 @@ def make_rows(count: int) -> list[dict]:
 
 
 def run(jobs, cfg) -> tuple[float, dict]:
-    from moco_ray.distill import distill_all
+    from moco_ray.training import distill_all
 
     t0 = time.perf_counter()
     infos = distill_all(jobs, cfg)
@@ -56,7 +56,7 @@ def main() -> None:
 
     import ray
 
-    from moco_ray.distill import DistillConfig
+    from moco_ray.config import DistillConfig
 
     ray.init(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False,
              log_to_driver=False, runtime_env={"env_vars": {

@@ -11,10 +11,10 @@ import asyncio
 import os
 import time
 
-from moco_ray import zoo
+from moco_ray import models
 from moco_ray.config import ModelSpec, PoolConfig
 from moco_ray.coordinator import JobRequest, run_job
-from moco_ray.engines.base import build_engine
+from moco_ray.engines.registry import build_engine
 from moco_ray.tasks.synthetic import make_synthetic
 
 MODELS = [ModelSpec(name="reverser", path="zoo:spec-reverse", engine="vllm", dtype="float32",
@@ -53,7 +53,7 @@ def request(strategy: str, n: int) -> JobRequest:
 
 
 async def direct(req: JobRequest) -> float:
-    engines = {m.name: build_engine(m.engine_spec(zoo.resolve_path(m.path))) for m in MODELS}
+    engines = {m.name: build_engine(m.engine_spec(models.resolve_path(m.path))) for m in MODELS}
     try:
         for e in engines.values():
             if hasattr(e, "start"):
@@ -74,7 +74,8 @@ def pooled(req: JobRequest) -> float:
 
     from moco_ray.coordinator import Coordinator
     from moco_ray.pool.pool import ModelPool
-    from moco_ray.sweep import init_ray, run_jobs
+    from moco_ray.workflows.runtime import init_ray
+    from moco_ray.workflows.sweep import run_jobs
 
     init_ray()
     cfg = PoolConfig(name="bench", models=MODELS, logit_groups=[], http_port=0)

@@ -6,7 +6,7 @@ Both sides run the same strategy code through `moco_ray.coordinator.run_job`, on
 models, params and seed; only the PoolClient differs:
 - pool:     `ModelPool(...).client()`, Serve deployments started once (3 vLLM members with LoRA
             serving, a logit group of all three, a scratch deployment for weight candidates);
-- baseline: `moco_ray.bench_baseline.ReloadPerCallClient`, which on every generate/score call
+- baseline: `bench_baseline.ReloadPerCallClient`, which on every generate/score call
             loads tokenizer + model from disk with transformers and frees them after. Its
             per-call equivalents: LoRA = base + peft adapter loaded per call; generate_with =
             the candidate weights dir loaded per call; fused_generate = every group member
@@ -114,7 +114,7 @@ class TrainClock:
     training that both sides share."""
 
     def __init__(self):
-        from moco_ray.strategies import training
+        from moco_ray.training import service as training
 
         self.seconds = 0.0
         inner = training.run_trainings
@@ -153,8 +153,8 @@ def _why(e: BaseException) -> str:
 
 
 async def sweep(args, pool_client, base_client, task, members, methods, log) -> list[Result]:
-    from moco_ray.distill.launch import cold
-    from moco_ray.strategies.base import list_strategies
+    from moco_ray.strategies.registry import list_strategies
+    from moco_ray.training.launch import cold
 
     registry = list_strategies()
     overrides = json.loads(args.params) if args.params else {}
@@ -301,15 +301,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-trainings must be >= 0")
 
     import torch
+    from bench_baseline import ReloadPerCallClient
 
-    from moco_ray import zoo
-    from moco_ray.bench_baseline import ReloadPerCallClient
-    from moco_ray.distill import launch
+    from moco_ray import models
     from moco_ray.pool.pool import ModelPool
-    from moco_ray.strategies import training
-    from moco_ray.strategies.base import list_strategies
-    from moco_ray.sweep import init_ray
+    from moco_ray.strategies.registry import list_strategies
     from moco_ray.tasks.synthetic import make_synthetic
+    from moco_ray.training import launch
+    from moco_ray.training import service as training
+    from moco_ray.workflows.runtime import init_ray
 
     registry = list_strategies()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] or list(registry)
@@ -336,9 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"pool up in {time.perf_counter() - t0:.1f}s: {pool.models} + group {GROUP} + "
             f"{SCRATCH}")
         base = ReloadPerCallClient(
-            {m.name: zoo.resolve_path(m.path) for m in cfg.members},
+            {m.name: models.resolve_path(m.path) for m in cfg.members},
             groups={g.name: list(g.models) for g in cfg.logit_groups},
-            scratch={m.name: zoo.resolve_path(m.path) for m in cfg.scratch})
+            scratch={m.name: models.resolve_path(m.path) for m in cfg.scratch})
 
         async def go():
             client = pool.client()

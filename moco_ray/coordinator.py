@@ -17,8 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moco_ray.memory import release_memory
 from moco_ray.records import Cost, Record
-from moco_ray.strategies.base import PoolClient, StrategyContext, get_strategy
+from moco_ray.strategies.base import PoolClient, StrategyContext, Trainer
+from moco_ray.strategies.registry import get_strategy
 from moco_ray.tasks.base import Task
+from moco_ray.training.service import TrainerService
 
 
 class JobRequest(BaseModel):
@@ -70,12 +72,15 @@ class _Job:
                          seconds=end - self.t0)
 
 
-async def run_job(req: JobRequest, pool: PoolClient, job: _Job | None = None) -> list[Record]:
-    """Run one job to completion in this event loop (the actor's, or a test's)."""
+async def run_job(req: JobRequest, pool: PoolClient, job: _Job | None = None,
+                  trainer: Trainer | None = None) -> list[Record]:
+    """Run one job to completion in this event loop (the actor's, or a test's). `trainer`:
+    the jobs' shared trainer (default: one of its own, uncapped)."""
     job = job or _Job(req)
     strategy = get_strategy(req.strategy)(req.params)
     ctx = StrategyContext(pool, req.task, req.models, seed=req.seed, logit_group=req.logit_group,
-                          scratch=req.scratch, job_id=req.job)
+                          scratch=req.scratch, job_id=req.job,
+                          trainer=trainer or TrainerService())
     job.ctx = ctx
     await strategy.fit_checked(ctx, req.task.dev)
     out: list[Record] = []
@@ -98,14 +103,8 @@ class Coordinator:
                  warm_trainers: bool = False):
         self.pool = pool
         self.jobs: dict[str, _Job] = {}
-        if max_trainings is not None:
-            from moco_ray.strategies.training import limit_trainings
-
-            limit_trainings(max_trainings)
-        if warm_trainers:
-            from moco_ray.distill.launch import keep_warm
-
-            keep_warm(True)
+        # One trainer for all of this actor's jobs: the cap on trainings at once holds across them.
+        self.trainer = TrainerService(max_trainings, warm=warm_trainers)
 
     async def submit(self, req: JobRequest) -> str:
         if req.job in self.jobs:
@@ -117,7 +116,7 @@ class Coordinator:
 
     async def _run(self, job: _Job) -> None:
         try:
-            await run_job(job.req, self.pool, job)
+            await run_job(job.req, self.pool, job, self.trainer)
             job.state = "done"
         except asyncio.CancelledError:
             job.state = "cancelled"

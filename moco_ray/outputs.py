@@ -1,44 +1,123 @@
-"""Records to Arrow/Parquet. The schema follows `records.Record`; Ray Data does the writing.
+"""Records to Arrow/Parquet. The schema is derived from `records.Record`; Ray Data does the writing.
 
 Free-form fields (per-turn meta, record meta) are stored as JSON strings so that one table holds
 records of every strategy without a schema clash; everything a query filters on is a typed column.
 """
 from __future__ import annotations
 
+import functools
 import json
+import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Literal, NamedTuple, Union, get_args, get_origin
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel
 
-from moco_ray.records import Cost, Record, Turn
+from moco_ray.records import ChatMessage, Record
 
-TURN = pa.struct([("model", pa.string()), ("step", pa.string()), ("prompt", pa.string()),
-                  ("output", pa.string()), ("version", pa.int64()), ("meta", pa.string())])
-COST = pa.struct([("model", pa.string()), ("calls", pa.int64()), ("prompt_tokens", pa.int64()),
-                  ("completion_tokens", pa.int64()), ("engine_seconds", pa.float64())])
-SCHEMA = pa.schema([
-    ("run", pa.string()), ("generation", pa.int64()), ("job", pa.string()),
-    ("strategy", pa.string()), ("task", pa.string()), ("split", pa.string()),
-    ("example_id", pa.string()), ("prompt", pa.string()), ("output", pa.string()),
-    ("chat", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-    ("reference", pa.string()), ("score", pa.float64()), ("trace", pa.list_(TURN)),
-    ("model_versions", pa.map_(pa.string(), pa.int64())), ("cost", pa.list_(COST)),
-    ("meta", pa.string()),
-])
+
+class _Codec(NamedTuple):
+    """How one annotation is stored: its Arrow type and the value conversions both ways."""
+
+    type: pa.DataType
+    encode: Callable[[Any], Any]  # model value -> what `pa.Table.from_pylist` takes
+    decode: Callable[[Any], Any]  # what `pa.Table.to_pylist` gives -> a value pydantic validates
+    nullable: bool = False
+
+
+def _same(v: Any) -> Any:
+    return v
+
+
+def _json_dump(v: Any) -> str:
+    return json.dumps(v, default=str)
+
+
+_SCALARS = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+_CHAT = pa.struct([("role", pa.string()), ("content", pa.string())])
+# `dict[str, Model]` is stored as a list of structs whose first field holds the key.
+_KEY = "model"
+
+
+def _is_model(ann: Any) -> bool:
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
+def _codec(ann: Any, where: str) -> _Codec:
+    """The codec of annotation `ann` of field `where`; TypeError when there is none, so that a
+    field the table cannot hold fails at import instead of being dropped."""
+    origin, args = get_origin(ann), get_args(ann)
+    if origin in (Union, types.UnionType) and type(None) in args and len(args) == 2:
+        inner = _codec(next(a for a in args if a is not type(None)), where)
+        return _Codec(inner.type, lambda v: None if v is None else inner.encode(v),
+                      lambda v: None if v is None else inner.decode(v), nullable=True)
+    if ann in _SCALARS:
+        return _Codec(_SCALARS[ann], _same, _same)
+    if origin is Literal and all(isinstance(a, str) for a in args):
+        return _Codec(pa.string(), _same, _same)
+    if _is_model(ann):
+        return _model_codec(ann)
+    if origin is list and len(args) == 1:
+        # Chat messages are `dict[str, str]` by annotation but role/content structs on disk.
+        item = _Codec(_CHAT, _same, _same) if args[0] == ChatMessage else _codec(args[0], where)
+        return _Codec(pa.list_(item.type), lambda v: [item.encode(x) for x in v],
+                      lambda v: [item.decode(x) for x in v])
+    if origin is dict and len(args) == 2:
+        key, val = args
+        if key is str and val is Any:
+            return _Codec(pa.string(), _json_dump, json.loads)
+        if key in _SCALARS and val in _SCALARS:
+            return _Codec(pa.map_(_SCALARS[key], _SCALARS[val]), lambda v: list(v.items()), dict)
+        if key is str and _is_model(val):
+            return _keyed_codec(_model_codec(val), where)
+    raise TypeError(f"{where}: no Arrow type for annotation {ann!r}; map it in moco_ray/outputs.py")
+
+
+def _keyed_codec(model: _Codec, where: str) -> _Codec:
+    """`dict[str, Model]` as a list of {"model": key, **fields}."""
+    fields = [model.type.field(i) for i in range(model.type.num_fields)]
+    if any(f.name == _KEY for f in fields):
+        raise TypeError(f"{where}: the value model has a field {_KEY!r}, the stored key's name")
+
+    def decode(rows: list[dict]) -> dict:
+        return {r[_KEY]: model.decode({k: v for k, v in r.items() if k != _KEY}) for r in rows}
+
+    return _Codec(pa.list_(pa.struct([pa.field(_KEY, pa.string()), *fields])),
+                  lambda v: [{_KEY: k, **model.encode(m)} for k, m in v.items()], decode)
+
+
+@functools.cache
+def _model_codec(cls: type[BaseModel]) -> _Codec:
+    """A pydantic model as a struct of its fields, in declaration order."""
+    codecs = {name: _codec(f.annotation, f"{cls.__name__}.{name}")
+              for name, f in cls.model_fields.items()}
+
+    def encode(obj: BaseModel) -> dict:
+        return {name: c.encode(getattr(obj, name)) for name, c in codecs.items()}
+
+    def decode(row: dict) -> BaseModel:
+        # A column missing from older data (or null where the field can't be) takes the field's
+        # default, so files written before a field was added still read.
+        return cls(**{name: c.decode(row[name]) for name, c in codecs.items()
+                      if name in row and (row[name] is not None or c.nullable)})
+
+    return _Codec(pa.struct([(name, c.type) for name, c in codecs.items()]), encode, decode)
+
+
+def arrow_schema(model_cls: type[BaseModel]) -> pa.Schema:
+    """The Arrow schema of a table of `model_cls` rows, one column per field."""
+    struct = _model_codec(model_cls).type
+    return pa.schema([struct.field(i) for i in range(struct.num_fields)])
+
+
+SCHEMA = arrow_schema(Record)
 
 
 def record_row(r: Record) -> dict:
-    return {
-        "run": r.run, "generation": r.generation, "job": r.job, "strategy": r.strategy,
-        "task": r.task, "split": r.split, "example_id": r.example_id, "prompt": r.prompt,
-        "output": r.output, "chat": r.chat, "reference": r.reference, "score": r.score,
-        "trace": [{**t.model_dump(exclude={"meta"}), "meta": json.dumps(t.meta, default=str)}
-                  for t in r.trace],
-        "model_versions": list(r.model_versions.items()),
-        "cost": [{"model": m, **c.model_dump()} for m, c in r.cost.items()],
-        "meta": json.dumps(r.meta, default=str),
-    }
+    return _model_codec(Record).encode(r)
 
 
 def records_to_table(records: list[Record]) -> pa.Table:
@@ -47,16 +126,7 @@ def records_to_table(records: list[Record]) -> pa.Table:
 
 def row_to_record(row: dict) -> Record:
     """Inverse of `record_row` (a Parquet row back to a typed Record)."""
-    return Record(
-        run=row["run"], generation=row["generation"], job=row["job"], strategy=row["strategy"],
-        task=row["task"], split=row["split"], example_id=row["example_id"], prompt=row["prompt"],
-        output=row["output"], chat=row["chat"], reference=row["reference"], score=row["score"],
-        trace=[Turn(**{**t, "meta": json.loads(t["meta"])}) for t in row["trace"]],
-        model_versions=dict(row["model_versions"]),
-        cost={c["model"]: Cost(**{k: v for k, v in c.items() if k != "model"})
-              for c in row["cost"]},
-        meta=json.loads(row["meta"]),
-    )
+    return _model_codec(Record).decode(row)
 
 
 def write_records(records: list[Record], path: str | Path) -> Path:

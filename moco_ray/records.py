@@ -1,7 +1,8 @@
 """Typed records for every hand-off: prompts, sampling, generations, turns, cost and job records.
 
-The Parquet schema of the outputs is derived from `Record` (see outputs.py), so a field added
-here shows up in every materialized table.
+The Parquet schema of the outputs is derived from `Record`'s fields (`outputs.arrow_schema`), so a
+field added here shows up in every materialized table; one whose annotation has no Arrow mapping
+fails at import of outputs.py.
 """
 from __future__ import annotations
 

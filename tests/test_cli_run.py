@@ -89,7 +89,7 @@ def test_run_smollm2_on_moco_tasks_vllm(tmp_path, _zoo_cache):
 # rerun of the same config that takes every job back from the run's saved jobs.
 @pytest.mark.slow
 def test_run_every_method_on_tiny_pool_and_resume(tmp_path, _zoo_cache):
-    from moco_ray.strategies.base import list_strategies
+    from moco_ray.strategies.registry import list_strategies
 
     cfg = ROOT / "configs/sweeps/tiny_all_methods.yaml"
     out = tmp_path / "runs"

@@ -150,7 +150,7 @@ def test_failed_job_reports_error(ray_session):
 def test_run_jobs_keeps_at_most_max_jobs_in_flight(ray_session, max_jobs):
     import ray
 
-    from moco_ray.sweep import run_jobs
+    from moco_ray.workflows.sweep import run_jobs
 
     pool = ScriptedPool(["m0"], delay=0.05)
     coord = Coordinator.remote(pool)
@@ -178,7 +178,7 @@ class _PoolHandle:
 def test_run_config_saves_each_job_and_resumes_only_unfinished(ray_session, tmp_path,
                                                                monkeypatch):
     from moco_ray.config import JobSpec, ModelSpec, PoolConfig, RunConfig, TaskSpec
-    from moco_ray.sweep import run_config
+    from moco_ray.workflows.sweep import run_config
 
     cfg = RunConfig(
         run_name="resume", output_dir=str(tmp_path), pool=PoolConfig(models=[
@@ -224,12 +224,12 @@ def test_run_config_saves_each_job_and_resumes_only_unfinished(ray_session, tmp_
     assert ran == {"0-a-reverse", "1-b-reverse"}
 
     # All saved: no pool is started at all.
-    import moco_ray.pool.pool as pool_mod
+    import moco_ray.workflows.sweep as sweep_mod
 
     def no_pool(*a, **k):
         raise AssertionError("a pool was started although every job was saved")
 
-    monkeypatch.setattr(pool_mod, "ModelPool", no_pool)
+    monkeypatch.setattr(sweep_mod, "ModelPool", no_pool)
     told = []
     last = run_config(changed, on_resumed=lambda n, total: told.append((n, total)))
     assert told == [(2, 2)] and len(last.records) == 8

@@ -13,8 +13,9 @@ import time
 
 from ray import serve
 
-from moco_ray.pool import swap
-from moco_ray.pool.swap import WeightGate, WeightVersion
+from moco_ray.models.tokenizer import render_prompt
+from moco_ray.pool.swap import hotswap as swap
+from moco_ray.pool.swap.hotswap import WeightGate, WeightVersion
 from moco_ray.records import Generation, Prompt, SamplingParams, TokenLogprobs
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -33,6 +34,7 @@ class LogitGroupServer:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        # heavy (transformers): only the group's replica needs it, not the driver's pool
         from moco_ray.engines.lockstep import LockstepDecoder
 
         if dtype not in _DTYPES:
@@ -86,7 +88,6 @@ class LogitGroupServer:
         self._worker: asyncio.Task | None = None
 
     def render(self, prompt: Prompt) -> str:
-        from moco_ray.engines.hf_engine import render_prompt
 
         return render_prompt(self.tokenizer, prompt)  # the engines' own rendering
 

@@ -17,12 +17,14 @@ from ray import serve
 from ray.serve.api import RunTarget
 from ray.serve.schema import ApplicationStatus
 
+from moco_ray import models
 from moco_ray.config import ConfigError, PoolConfig
-from moco_ray.pool import swap as _swap
 from moco_ray.pool.client import ServeClient
 from moco_ray.pool.logit_group import LogitGroupServer
 from moco_ray.pool.server import ModelServer
-from moco_ray.pool.swap import WeightVersion
+from moco_ray.pool.swap import hotswap as _swap
+from moco_ray.pool.swap.hotswap import WeightVersion
+from moco_ray.pool.swap.sync import weight_sync
 
 
 def _serve_client():
@@ -83,11 +85,10 @@ class ModelPool:
 
     def validate(self, check_resources: bool = True) -> None:
         """Raise one ConfigError listing every problem of the config; deploys nothing."""
-        from moco_ray import zoo
 
         problems: list[str] = []
         for i, m in enumerate(self.config.models):
-            err = zoo.check_path(m.path)
+            err = models.check_path(m.path)
             if err:
                 problems.append(f"pool.models.{i}.path: {err}")
         groups = self.groups
@@ -120,12 +121,11 @@ class ModelPool:
 
     def start(self, timeout_s: float = 900.0, check_resources: bool = True) -> Self:
         """Validate, resolve paths, deploy every model and group, wait until all are RUNNING."""
-        from moco_ray import zoo
 
         if self._apps:
             raise RuntimeError(f"pool {self.config.name!r} is already started")
         self.validate(check_resources)
-        self.paths = {m.name: zoo.resolve_path(m.path) for m in self.config.models}
+        self.paths = {m.name: models.resolve_path(m.path) for m in self.config.models}
         client = _serve_client()
         if client is None:
             serve.start(http_options={"host": "127.0.0.1", "port": self.config.http_port})
@@ -148,7 +148,8 @@ class ModelPool:
             # A scratch deployment changes weights per request (generate_with), outside the
             # registry: its versions are its own and no record of a member depends on them.
             app = dep.bind(m.name, m.engine_spec(self.paths[m.name], seed=self.seed),
-                           swap_registry=registry if m.role == "member" else None)
+                           swap_registry=registry if m.role == "member" else None,
+                           weight_sync=m.weight_sync)
             targets.append(RunTarget(app, name=self.app_name(m.name), route_prefix=f"/{m.name}"))
         for g in self.config.logit_groups:
             dep = LogitGroupServer.options(
@@ -247,7 +248,9 @@ class ModelPool:
         replica goes back to the previous version and SwapError says why.
         """
         self._require_model(model)
-        return _run(_swap.swap_model(self._registry, model, str(checkpoint), timeout_s))
+        sync = weight_sync(self.config.model(model).weight_sync)
+        return _run(_swap.swap_model(self._registry, model, str(checkpoint), timeout_s,
+                                     check=sync.check))
 
     def rollback(self, model: str, version: int | None = None, timeout_s: float = 600.0) -> int:
         """Serve an earlier version of `model` again (default: the newest one below the live

@@ -14,10 +14,14 @@ from typing import Protocol, runtime_checkable
 
 from ray import serve
 
-from moco_ray.engines.base import Engine, EngineSpec, build_engine
-from moco_ray.pool import swap
+from moco_ray.config import EngineSpec
+from moco_ray.engines.base import Engine
+from moco_ray.engines.registry import build_engine
 from moco_ray.pool.openai_api import OpenAIRoutes, openai_app
-from moco_ray.pool.swap import WeightGate, WeightVersion
+from moco_ray.pool.swap import hotswap as swap
+from moco_ray.pool.swap.hotswap import WeightGate, WeightVersion
+from moco_ray.pool.swap.sync import check_off_loop
+from moco_ray.pool.swap.sync import weight_sync as make_weight_sync
 from moco_ray.records import Generation, Prompt, SamplingParams, Score
 
 
@@ -38,10 +42,13 @@ class HealthProbe(Protocol):
 @serve.ingress(openai_app)
 class ModelServer(OpenAIRoutes):
     """Serves one pool model. `name` is the pool's name for it; `spec` builds its engine;
-    `swap_registry` names the pool's `swap.SwapRegistry` (None: a server outside a pool)."""
+    `swap_registry` names the pool's `swap.SwapRegistry` (None: a server outside a pool);
+    `weight_sync` the backend that loads new weights (pool/swap/sync.py)."""
 
-    async def __init__(self, name: str, spec: EngineSpec, swap_registry: str | None = None):
+    async def __init__(self, name: str, spec: EngineSpec, swap_registry: str | None = None,
+                       weight_sync: str = "disk"):
         self.name = name
+        self.sync = make_weight_sync(weight_sync)  # how new weights reach this replica
         self.spec = spec
         self.model_path = spec.model
         self.engine: Engine = build_engine(spec)
@@ -99,7 +106,7 @@ class ModelServer(OpenAIRoutes):
             while self.weights_path != weights and self._scratch_users:
                 await self._scratch.wait()
             if self.weights_path != weights:
-                await asyncio.to_thread(swap.validate, weights, self.model_path)
+                await check_off_loop(self.sync, weights, self.model_path)
                 await self.apply_version(self.name, WeightVersion(version=self.version + 1,
                                                                   path=weights))
             self._scratch_users += 1
@@ -124,8 +131,9 @@ class ModelServer(OpenAIRoutes):
         pool-wide swap (`ModelPool.swap`: every replica of this model and of its logit groups),
         since a handle call reaches one replica only; outside a pool, this replica alone."""
         if self._swap_registry is not None:
-            return await swap.swap_model(self._swap_registry, self.name, path)
-        await asyncio.to_thread(swap.validate, path, self.model_path)
+            return await swap.swap_model(self._swap_registry, self.name, path,
+                                         check=self.sync.check)
+        await check_off_loop(self.sync, path, self.model_path)
         return await self.apply_version(self.name, WeightVersion(version=self.version + 1,
                                                                  path=path))
 
@@ -136,7 +144,8 @@ class ModelServer(OpenAIRoutes):
             raise ValueError(f"version of {model!r} sent to the server of {self.name!r}")
         async with self._swap_lock:
             if target.version != self.version:
-                await swap.apply(self._gate, self.engine.load_weights, target, self._commit)
+                await swap.apply(self._gate, lambda _: self.sync.load(self.engine, target), target,
+                                 self._commit)
         return self.version
 
     def _commit(self, target: WeightVersion) -> None:

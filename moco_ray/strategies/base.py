@@ -1,4 +1,4 @@
-"""The Strategy interface, its registry, and the per-example context strategies run in.
+"""The Strategy interface, the per-example context strategies run in, and `register`.
 
 A strategy is one collaboration method. It sees the pool only through `ExampleContext`, which
 records every call as a `Turn` of the trace and counts its cost per model, so traces and cost
@@ -7,8 +7,6 @@ accounting never depend on each strategy remembering to do it.
 from __future__ import annotations
 
 import asyncio
-import importlib
-import pkgutil
 import random
 import time
 from typing import Any, ClassVar, Literal, Protocol
@@ -43,13 +41,32 @@ class PoolClient(Protocol):
     def render(self, model: str, prompt: Prompt) -> str: ...
 
 
+class Trainer(Protocol):
+    """What strategies that learn may ask of the trainer (implemented by
+    `moco_ray.training.service.TrainerService`; reached as `ctx.trainer`). Each call trains
+    LoRA adapters over pool models from the weights they serve now, charges the time to the
+    job's cost, and returns adapter dirs the pool serves per request."""
+
+    async def train_adapters(self, ctx: StrategyContext, jobs: dict[str, tuple[str, list[dict]]],
+                             cfg: Any = None) -> dict[str, str]: ...
+
+    async def train_dpo(self, ctx: StrategyContext,
+                        jobs: dict[str, tuple[str, list[dict], str | None]], cfg: Any,
+                        beta: float) -> dict[str, str]: ...
+
+    async def train_grpo(self, ctx: StrategyContext, name: str, model: str, rows: list[dict],
+                         reward: Any, cfg: Any, settings: Any) -> str: ...
+
+
 class StrategyContext:
-    """Job-wide state handed to `fit` and `solve`: pool, task, models, seeded RNG."""
+    """Job-wide state handed to `fit` and `solve`: pool, trainer, task, models, seeded RNG."""
 
     def __init__(self, pool: PoolClient, task: Task, models: list[str], seed: int = 0,
                  logit_group: str | None = None, scratch: str | None = None,
-                 job_id: str = "job", workdir: str | None = None):
+                 job_id: str = "job", workdir: str | None = None,
+                 trainer: Trainer | None = None):
         self.pool = pool
+        self._trainer = trainer
         self.task = task
         self.models = list(models)
         self.seed = seed
@@ -76,6 +93,14 @@ class StrategyContext:
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.job_id)
             self._workdir = tempfile.mkdtemp(prefix=f"moco_{safe}_", dir=root)
         return self._workdir
+
+    @property
+    def trainer(self) -> Trainer:
+        if self._trainer is None:
+            raise ValueError("this job's context has no trainer, and its strategy trains; the "
+                             "coordinator gives every job one (a context made by hand needs "
+                             "trainer=moco_ray.training.service.TrainerService())")
+        return self._trainer
 
     def require_scratch(self, who: str) -> str:
         if self.scratch is None:
@@ -249,13 +274,9 @@ class Strategy:
             yield await fut
 
 
-# --- registry -------------------------------------------------------------------------------
+# --- registration (lookup by name: registry.py) ----------------------------------------------
 
 _REGISTRY: dict[str, type[Strategy]] = {}
-# Built-in strategies live in moco_ray/strategies/single.py and <level>/<method>.py; they are all
-# imported on first lookup, so a Ray actor finds every strategy without depending on imports the
-# driver happened to run.
-_LEVEL_PACKAGES = ("api", "text", "logit", "weight")
 
 
 def register(name: str):
@@ -269,31 +290,3 @@ def register(name: str):
         return cls
 
     return deco
-
-
-def _load_builtins() -> None:
-    importlib.import_module("moco_ray.strategies.single")
-    for level in _LEVEL_PACKAGES:
-        pkg = importlib.import_module(f"moco_ray.strategies.{level}")
-        for info in pkgutil.iter_modules(pkg.__path__):
-            importlib.import_module(f"{pkg.__name__}.{info.name}")
-
-
-def get_strategy(name: str) -> type[Strategy]:
-    """Look a strategy up by registered name or by 'package.module:Class'."""
-    if ":" in name:
-        mod, _, attr = name.partition(":")
-        cls = getattr(importlib.import_module(mod), attr)
-        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-            raise TypeError(f"{name!r} is not a Strategy subclass")
-        return cls
-    _load_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown strategy {name!r}; valid: {', '.join(sorted(_REGISTRY))}") from None
-
-
-def list_strategies() -> dict[str, type[Strategy]]:
-    _load_builtins()
-    return dict(sorted(_REGISTRY.items()))

@@ -12,9 +12,9 @@ import os
 import pytest
 import torch
 
-from moco_ray import zoo
-from moco_ray.engines.base import EngineSpec
-from moco_ray.engines.hf_engine import HFEngine
+from moco_ray import models
+from moco_ray.config import EngineSpec
+from moco_ray.engines.hf import HFEngine
 
 # Two cores shared with other jobs: one torch thread avoids OpenMP oversubscription (measured:
 # 0.2 s vs 10 s for the same small batch under load). Ray workers get 1 thread the same way.
@@ -55,13 +55,13 @@ def zoo_cache(_zoo_cache):
 
 @pytest.fixture(scope="session")
 def tiny(zoo_cache) -> str:
-    return zoo.resolve_path("zoo:tiny")
+    return models.resolve_path("zoo:tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_s1(zoo_cache) -> str:
     """Same architecture as `tiny`, other weights (seed 1): the swap target."""
-    return zoo.resolve_path("zoo:tiny-s1")
+    return models.resolve_path("zoo:tiny-s1")
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +101,7 @@ class _VLLMStarter:
         self.loop, self.tiny, self.started = loop, tiny, {}
 
     def start(self, name: str) -> None:
-        from moco_ray.engines.vllm_engine import VLLMEngine
+        from moco_ray.engines.vllm import VLLMEngine
 
         if name in self.started:
             return

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from moco_ray import zoo
-from moco_ray.engines.hf_engine import encode_prompt, render_prompt
+from moco_ray.models import zoo
+from moco_ray.models.tokenizer import encode_prompt, render_prompt
 
 
 def test_bos_appears_once():

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from moco_ray.engines.base import Engine
-from moco_ray.engines.hf_engine import encode_continuation, encode_prompt
+from moco_ray.models.tokenizer import encode_continuation, encode_prompt
 from moco_ray.records import SamplingParams
 
 CHAT = [{"role": "user", "content": "What is 12+7?"}]

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moco_ray.engines.base import EngineSpec, build_engine
-from moco_ray.engines.hf_engine import HFEngine
+from moco_ray.config import EngineSpec
+from moco_ray.engines.hf import HFEngine
+from moco_ray.engines.registry import build_engine
 from moco_ray.records import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8)

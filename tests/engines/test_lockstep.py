@@ -1,4 +1,4 @@
-"""LockstepDecoder on tiny random Llama models (moco_ray.zoo) that share one local BPE tokenizer.
+"""LockstepDecoder on tiny random Llama models (moco_ray.models.zoo) that share one local BPE tokenizer.
 
 The references are independent of the decoder: transformers' own `generate`, and a naive loop
 that re-runs every model over each prompt alone, without padding or cache, every step.
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from moco_ray import zoo
 from moco_ray.engines.lockstep import LockstepDecoder, get_combine
+from moco_ray.models import zoo
 
 PROMPTS = ["the quick brown fox", "question: what is 3 plus 4? answer:", "dog"]
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from moco_ray import zoo
 from moco_ray.engines.lockstep import LockstepDecoder, get_combine, route_features
+from moco_ray.models import zoo
 from moco_ray.records import TokenLogprobs
 from moco_ray.strategies.logit.fusion_route import step_features
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moco_ray import zoo
-from moco_ray.engines.base import EngineSpec
-from moco_ray.engines.hf_engine import HFEngine
+from moco_ray import models
+from moco_ray.config import EngineSpec
+from moco_ray.engines.hf import HFEngine
 from moco_ray.records import SamplingParams
 
 
 def test_smollm2_converts_and_answers(zoo_cache, run):
-    path = Path(zoo.resolve_path("zoo:smollm2-135m-instruct"))
+    path = Path(models.resolve_path("zoo:smollm2-135m-instruct"))
     config = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in config  # vLLM would try to honour it
     assert config["model_type"] == "llama" and config["vocab_size"] == 49152

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moco_ray.engines.base import EngineSpec
-from moco_ray.engines.hf_engine import HFEngine
-from moco_ray.engines.vllm_engine import VLLMEngine
+from moco_ray.config import EngineSpec
+from moco_ray.engines.hf import HFEngine
+from moco_ray.engines.vllm import VLLMEngine
 from moco_ray.records import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8)
@@ -120,7 +120,7 @@ def test_scoring_with_lora_enabled_matches_hf(vllm_lora_engine, hf_engine, run):
 
 
 def test_stepwise_scoring_equals_prompt_logprobs(vllm_engine, run):
-    from moco_ray.engines.hf_engine import encode_continuation, encode_prompt
+    from moco_ray.models.tokenizer import encode_continuation, encode_prompt
 
     p = encode_prompt(vllm_engine.tokenizer, "the answer is")
     seqs = [p + encode_continuation(vllm_engine.tokenizer, c) for c in ["19", " yes it is"]]

@@ -7,9 +7,10 @@ import asyncio
 import pytest
 from ports import free_port
 
-from moco_ray import zoo
-from moco_ray.config import ConfigError, ModelSpec, PoolConfig, parse_config
+from moco_ray import models
+from moco_ray.config import ConfigError, ModelSpec, PoolConfig
 from moco_ray.records import SamplingParams
+from moco_ray.workflows.load import parse_config
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 PROMPTS = [[{"role": "user", "content": q}] for q in ("the cat sat on", "one two three",
@@ -42,7 +43,7 @@ def test_scratch_is_not_a_member_and_serves_the_weights_each_call_names(spool):
     assert spool.models == ["a", "b"] and spool.scratch == ["scratch"]
     assert "scratch" not in spool.versions()  # the registry tracks members only
     client = spool.client()
-    path_a, path_b = zoo.resolve_path("zoo:tiny"), zoo.resolve_path("zoo:tiny-s1")
+    path_a, path_b = models.resolve_path("zoo:tiny"), models.resolve_path("zoo:tiny-s1")
 
     async def go():
         ref_a = await client.generate("a", PROMPTS, GREEDY)
@@ -71,24 +72,25 @@ def test_generate_with_refuses_members_and_bad_weights(spool, tmp_path):
     client = spool.client()
     with pytest.raises((ValueError, RayServeException), match="scratch deployments"):
         client.model_handle("a").generate_with.remote(
-            zoo.resolve_path("zoo:tiny"), PROMPTS, GREEDY).result()
+            models.resolve_path("zoo:tiny"), PROMPTS, GREEDY).result()
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(Exception, match="safetensors"):
         asyncio.run(client.generate_with("scratch", str(tmp_path), PROMPTS, GREEDY))
     # The scratch still serves after the refusal.
-    out = asyncio.run(client.generate_with("scratch", zoo.resolve_path("zoo:tiny"), PROMPTS[:1],
+    out = asyncio.run(client.generate_with("scratch", models.resolve_path("zoo:tiny"), PROMPTS[:1],
                                            GREEDY))
     assert out[0].text
 
 
 def test_an_adapter_dir_is_served_per_request(spool, tmp_path):
-    from moco_ray.distill import DistillConfig, distill_local
+    from moco_ray.config import DistillConfig
+    from moco_ray.training import distill_local
 
     rows = [{"messages": [{"role": "user", "content": "What is 7 plus 5?"},
                           {"role": "assistant", "content": "twelve twelve"}]}] * 8
     cfg = DistillConfig(method="lora", output="adapter", lr=1e-2, max_steps=40, batch_size=4,
                         zero_stage=0, lora_r=8)
-    info = distill_local("a", zoo.resolve_path("zoo:tiny"), rows, str(tmp_path / "ad"), cfg)
+    info = distill_local("a", models.resolve_path("zoo:tiny"), rows, str(tmp_path / "ad"), cfg)
     client = spool.client()
     prompt = [PROMPTS[2]]
 
@@ -102,7 +104,7 @@ def test_an_adapter_dir_is_served_per_request(spool, tmp_path):
 
     base, tuned, base_again, s_base, s_tuned = asyncio.run(go())
     # The same adapter applied by peft in transformers decodes the same greedy tokens.
-    assert tuned[0].token_ids == _peft_greedy(zoo.resolve_path("zoo:tiny"), info.path,
+    assert tuned[0].token_ids == _peft_greedy(models.resolve_path("zoo:tiny"), info.path,
                                               prompt[0], GREEDY.max_tokens)
     assert base[0].text == base_again[0].text != tuned[0].text  # the member is unchanged
     assert s_tuned[0].mean_logprob > s_base[0].mean_logprob + 1.0
@@ -115,7 +117,7 @@ def _peft_greedy(base_dir: str, adapter: str, prompt, max_tokens: int) -> list[i
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moco_ray.engines.hf_engine import encode_prompt
+    from moco_ray.models.tokenizer import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)

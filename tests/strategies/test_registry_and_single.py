@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from moco_ray.strategies import get_strategy, list_strategies
+from moco_ray.strategies.registry import get_strategy, list_strategies
 from moco_ray.strategies.single import Single
 
 BUILTIN = {"single": "single", "text_majority_vote": "text", "text_multiagent_refine": "text",

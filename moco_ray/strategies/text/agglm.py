@@ -20,17 +20,18 @@ it can serve its adapter per request; the reference loads a separate `agg_model`
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
 
+from moco_ray.config.distill import GRPOSettings
 from moco_ray.records import Prompt
+from moco_ray.strategies import training
 from moco_ray.strategies.base import Answer, ExampleContext, Strategy, StrategyContext, register
 from moco_ray.strategies.common import SamplingFields, over_dev
 from moco_ray.strategies.text._shared import answer_of, check_model, user_text, with_user_text
+from moco_ray.strategies.training import adapter_config
 from moco_ray.tasks.base import DevSplit, Example, Task
 
 AGGREGATE = (
@@ -78,18 +79,9 @@ class TaskReward:
 
 async def train_grpo(ctx: StrategyContext, name: str, model: str, rows: list[dict],
                      reward: TaskReward, cfg, settings) -> str:
-    """GRPO-train one adapter of pool model `model` from the weights it serves now; charged to
-    the job's cost as train:<name>. Returns the adapter dir."""
-    from types import SimpleNamespace
-
-    from moco_ray.distill.preference import grpo_train_adapter
-    from moco_ray.strategies.training import run_trainings
-
-    out = Path(ctx.workdir) / f"agglm-grpo-{time.time_ns()}" / name
-    base = await ctx.pool.weights_path(model)
-    infos = await run_trainings(ctx, [SimpleNamespace(model=name)], lambda *_: {
-        name: grpo_train_adapter(name, base, rows, reward, str(out), cfg, settings)})
-    return infos[name].path
+    """GRPO-train one adapter of pool model `model` from the weights it serves now (the job's
+    trainer); charged to the job's cost as train:<name>. Returns the adapter dir."""
+    return await training.train_grpo(ctx, name, model, rows, reward, cfg, settings)
 
 
 @register("text_agglm")
@@ -134,8 +126,6 @@ class AggLM(Strategy):
             return self
 
     def grpo_config(self, max_tokens: int, seed: int = 0):
-        from moco_ray.distill.preference import GRPOSettings
-        from moco_ray.strategies.training import adapter_config
 
         p = self.params
         cfg = adapter_config(

@@ -21,7 +21,7 @@ Departures, each deliberate:
   until the mix is w : 1-w (the reference subsampled both sides, which drops data). When one side
   is empty and 0 < w < 1, the other is used alone.
 - Fine-tuning is LoRA (adapters r=8), not full fine-tuning, with the adapter defaults of
-  `moco_ray.strategies.training` (lr 1e-3); an agent with no rows keeps its previous weights
+  `moco_ray.training.service` (lr 1e-3); an agent with no rows keeps its previous weights
   (the base model or the last iteration's adapter), as in the reference.
 - With `iterations` > 1 each iteration debates with the previous adapters, and its new adapters
   train from the pool model's weights (adapters do not stack) on the new debate's data.

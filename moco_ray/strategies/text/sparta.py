@@ -32,17 +32,17 @@ import asyncio
 import math
 import re
 import statistics
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from moco_ray.records import Prompt
+from moco_ray.strategies import training
 from moco_ray.strategies.base import Answer, ExampleContext, Strategy, StrategyContext, register
 from moco_ray.strategies.common import SamplingFields, over_dev
 from moco_ray.strategies.text._shared import plain, user_text
+from moco_ray.strategies.training import adapter_config
 from moco_ray.tasks.base import DevSplit, Example
 
 JUDGE = (
@@ -182,17 +182,9 @@ def schedule(examples: list[Example], models: list[str], scores: dict[str, float
 async def train_dpo(ctx: StrategyContext, jobs: dict[str, tuple[str, list[dict], str | None]],
                     cfg, beta: float) -> dict[str, str]:
     """DPO-train one adapter per `{name: (pool_model, pairs, init_adapter)}`, all at once,
-    from the weights each pool model serves now; charged to the job's cost as train:<name>."""
-    from moco_ray.distill.preference import PreferenceJob, dpo_train_adapters
-    from moco_ray.strategies.training import run_trainings
-
-    root = Path(ctx.workdir) / f"sparta-dpo-{time.time_ns()}"
-    specs = [PreferenceJob(name, await ctx.pool.weights_path(model), pairs, str(root / name),
-                           init)
-             for name, (model, pairs, init) in jobs.items()]
-    infos = await run_trainings(
-        ctx, specs, lambda part, runs: dpo_train_adapters(part, cfg, beta, runs))
-    return {name: infos[name].path for name in jobs}
+    from the weights each pool model serves now (the job's trainer); charged to the job's cost
+    as train:<name>."""
+    return await training.train_dpo(ctx, jobs, cfg, beta)
 
 
 async def _answer(ectx: ExampleContext, model: str, adapter: str | None, prompt: Prompt,
@@ -260,7 +252,6 @@ class Sparta(Strategy):
         """The DPO settings of a round with `n_pairs` pairs: fewer pairs than one step takes
         (batch_size per worker) train on smaller batches; None when the pairs cannot give every
         worker one (that round trains nothing)."""
-        from moco_ray.strategies.training import adapter_config
 
         p = self.params
         batch = min(p.batch_size, n_pairs // p.num_workers)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
+from moco_ray import models
 from moco_ray.strategies.base import ExampleContext, StrategyContext
 from moco_ray.strategies.common import SamplingFields, over_dev
 from moco_ray.tasks.base import DevSplit, Example
@@ -166,11 +167,7 @@ def softmax(xs: Sequence[float]) -> list[float]:
 
 def local_dir(path: str) -> Path:
     """A model dir on this node for a weights path (a local dir, or a hub name in the cache)."""
-    if Path(path).is_dir():
-        return Path(path)
-    from moco_ray.engines.hf_engine import local_model_dir  # hub cache lookup
-
-    return local_model_dir(path)
+    return models.local_model_dir(path)
 
 
 def load_state(path: str | Path) -> tuple[StateDict, dict[str, torch.dtype]]:
@@ -238,9 +235,8 @@ async def resolve_weights(ctx: StrategyContext, ref: str) -> str:
     if ref in ctx.pool.models:
         return str(local_dir(await ctx.pool.weights_path(ref)))
     if ref.startswith("zoo:"):
-        from moco_ray import zoo
 
-        return await asyncio.to_thread(zoo.resolve_path, ref)
+        return await asyncio.to_thread(models.resolve_path, ref)
     p = Path(ref).expanduser()
     if p.is_dir():
         return str(p)

@@ -1,0 +1,2 @@
+"""Hot-swap of a live pool model's weights (hotswap.py): validated first, every replica at once,
+rolled back on failure."""

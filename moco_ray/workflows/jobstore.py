@@ -1,0 +1,56 @@
+"""Finished jobs saved as they end, so a rerun takes them back instead of running them again."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from moco_ray.config import JobSpec, RunConfig
+from moco_ray.coordinator import JobStatus
+from moco_ray.outputs import read_records, records_to_table
+from moco_ray.records import Record
+
+
+class JobStore:
+    """Each finished job of a run, saved the moment it ends: `<out_dir>/jobs/<job>.parquet`
+    (its records) and `<job>.json` (its status and a fingerprint of everything that fixes its
+    result: job spec, task spec, pool, seed). A rerun of the same config takes a saved job back
+    instead of running it again; a job whose fingerprint changed (other params, other models)
+    runs again. So a run cut off (killed, out of time) loses only the jobs in flight."""
+
+    def __init__(self, out_dir: Path, cfg: RunConfig):
+        self.dir = Path(out_dir) / "jobs"
+        self.cfg = cfg
+
+    def fingerprint(self, spec: JobSpec, task_name: str) -> str:
+        task = next(t for t in self.cfg.tasks if t.name == task_name)
+        key = {"job": spec.model_dump(mode="json"), "task": task.model_dump(mode="json"),
+               "pool": self.cfg.pool.model_dump(mode="json"), "seed": self.cfg.seed}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _paths(self, job_id: str) -> tuple[Path, Path]:
+        return self.dir / f"{job_id}.parquet", self.dir / f"{job_id}.json"
+
+    def load(self, job_id: str, fingerprint: str) -> tuple[list[Record], JobStatus] | None:
+        """The saved records and status of `job_id`, if it finished with this fingerprint."""
+        data, meta = self._paths(job_id)
+        if not (data.exists() and meta.exists()):
+            return None
+        saved = json.loads(meta.read_text())
+        if saved.get("fingerprint") != fingerprint:
+            return None
+        return read_records(data), JobStatus.model_validate(saved["status"])
+
+    def save(self, status: JobStatus, records: list[Record], fingerprint: str) -> None:
+        """Write atomically (temp file, then rename): a kill mid-write leaves no half job."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        data, meta = self._paths(status.job)
+        tmp = data.with_suffix(".parquet.tmp")
+        pq.write_table(records_to_table(records), tmp)
+        tmp.replace(data)
+        tmp = meta.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"fingerprint": fingerprint,
+                                   "status": status.model_dump(mode="json")}, indent=1))
+        tmp.replace(meta)

@@ -1,0 +1,196 @@
+"""`moco-ray run`: strategies x tasks over one live pool, records to Parquet, a summary table.
+
+A plain function over the layers below: load and validate the config (all before any engine
+starts), load the tasks, start the pool, hand every job to the coordinator at once, stream the
+records back, write them, and return them with a summary.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from moco_ray.config import JobSpec, RunConfig
+from moco_ray.coordinator import Coordinator, JobRequest, JobStatus
+from moco_ray.outputs import write_records
+from moco_ray.pool.pool import ModelPool
+from moco_ray.records import Cost, Record
+from moco_ray.strategies.registry import get_strategy
+from moco_ray.tasks.base import Task
+from moco_ray.workflows.jobstore import JobStore
+from moco_ray.workflows.runtime import init_ray, load_tasks
+
+
+class SummaryRow(BaseModel):
+    strategy: str
+    task: str
+    split: str
+    n: int
+    score: float
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+
+
+class SweepResult(BaseModel):
+    out_dir: str
+    records: list[Record]
+    summary: list[SummaryRow]
+    jobs: list[JobStatus]
+
+
+def job_ids(cfg: RunConfig) -> list[tuple[str, JobSpec, str]]:
+    """(job id, job spec, task name) for every strategy x task of `cfg`, in config order."""
+    return [(f"{i}-{j.name or j.strategy}-{t.name}", j, t.name)
+            for i, j in enumerate(cfg.jobs) for t in cfg.tasks]
+
+
+def job_requests(cfg: RunConfig, tasks: dict[str, Task]) -> list[JobRequest]:
+    return [job_request(cfg, j, tasks[t], job_id) for job_id, j, t in job_ids(cfg)]
+
+
+def job_request(cfg, job: JobSpec, task: Task, job_id: str, generation: int = 0,
+                splits: tuple | None = None) -> JobRequest:
+    """One JobRequest; a logit-level job runs on its group's members, in the group's order
+    (fusion weights are per member)."""
+
+    groups = {g.name: g for g in cfg.pool.logit_groups}
+    group = job.logit_group or next(iter(groups), None)
+    models = job.models or [m.name for m in cfg.pool.members]
+    scratch = job.scratch or next((m.name for m in cfg.pool.scratch), None)
+    if get_strategy(job.strategy).level == "logit" and group is not None:
+        models = list(groups[group].models)
+    return JobRequest(job=job_id, strategy=job.strategy, params=job.params, task=task,
+                      models=models, splits=tuple(splits or job.splits), logit_group=group,
+                      scratch=scratch, seed=cfg.seed, concurrency=cfg.concurrency, run=cfg.run_name,
+                      generation=generation)
+
+
+def summarize(records: list[Record], jobs: list[JobStatus]) -> list[SummaryRow]:
+    groups: dict[tuple, list[Record]] = defaultdict(list)
+    for r in records:
+        groups[(r.job, r.strategy, r.task, r.split)].append(r)
+    secs = {j.job: j.seconds for j in jobs}
+    rows = []
+    for (job, strat, task, split), rs in sorted(groups.items(), key=lambda kv: kv[0][1:]):
+        cost = Cost()
+        for r in rs:
+            for c in r.cost.values():
+                cost = cost.add(c)
+        rows.append(SummaryRow(
+            strategy=strat, task=task, split=split, n=len(rs),
+            score=sum(r.score or 0.0 for r in rs) / len(rs), prompt_tokens=cost.prompt_tokens,
+            completion_tokens=cost.completion_tokens, seconds=secs.get(job, 0.0)))
+    return rows
+
+
+def run_jobs(coordinator, reqs: list[JobRequest],
+             on_progress: Callable[[JobStatus, int], None] | None = None,
+             max_jobs: int | None = None,
+             on_done: Callable[[JobStatus, list[Record]], None] | None = None,
+             ) -> tuple[list[Record], list[JobStatus]]:
+    """Submit the jobs (all at once, or at most `max_jobs` in flight, the next one as soon as
+    one ends; they share the pool) and stream their records back. `on_done` gets each job's
+    final status and all its records as soon as it ends (to save them then)."""
+    import ray
+
+    waiting = list(reqs)
+    live: list[str] = []
+    records: list[Record] = []
+    per_job: dict[str, list[Record]] = defaultdict(list)
+    final: dict[str, JobStatus] = {}
+    while len(final) < len(reqs):
+        room = len(waiting) if max_jobs is None else max(0, max_jobs - len(live))
+        batch, waiting = waiting[:room], waiting[room:]
+        ray.get([coordinator.submit.remote(r) for r in batch])
+        live += [r.job for r in batch]
+        for job, (recs, st) in zip(list(live),
+                                   ray.get([coordinator.poll.remote(j, 0.5) for j in live])):
+            records += recs
+            per_job[job] += recs
+            if on_progress:
+                on_progress(st, len(recs))
+            if st.state != "running":
+                final[job] = st
+                live.remove(job)
+                if on_done:
+                    on_done(st, per_job.pop(job))
+    failed = [s for s in final.values() if s.state == "failed"]
+    if failed:
+        # Keep what finished: the caller writes the records before raising.
+        raise JobsFailed(records, list(final.values()), failed)
+    return records, [final[r.job] for r in reqs]
+
+
+class JobsFailed(RuntimeError):
+    def __init__(self, records: list[Record], jobs: list[JobStatus], failed: list[JobStatus]):
+        self.records, self.jobs = records, jobs
+        super().__init__("jobs failed:\n" + "\n".join(f"{s.job}: {s.error}" for s in failed))
+
+
+def run_config(cfg: RunConfig, on_progress=None, pool=None, resume: bool = True,
+               on_resumed: Callable[[int, int], None] | None = None) -> SweepResult:
+    """Run every job of `cfg`; `pool` reuses a started ModelPool (else one is started and
+    shut down here). Each job's records are saved as it ends; with `resume`, jobs a previous
+    run of the same config finished are taken from there, not run again (`on_resumed(n_saved,
+    n_jobs)` is told how many), and if none is left no pool starts."""
+    import ray
+
+
+    tasks = load_tasks(cfg)
+    out_dir = Path(cfg.output_dir) / cfg.run_name
+    store = JobStore(out_dir, cfg)
+    reqs = job_requests(cfg, tasks)
+    prints = {job_id: store.fingerprint(j, t) for job_id, j, t in job_ids(cfg)}
+    saved: dict[str, tuple[list[Record], JobStatus]] = {}
+    if resume:
+        for r in reqs:
+            got = store.load(r.job, prints[r.job])
+            if got is not None:
+                saved[r.job] = got
+    if on_resumed:
+        on_resumed(len(saved), len(reqs))
+    todo = [r for r in reqs if r.job not in saved]
+    records = [rec for recs, _ in saved.values() for rec in recs]
+    statuses = {job: st for job, (_, st) in saved.items()}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+
+    def finish() -> SweepResult:
+        write_records(records, out_dir / f"records-{stamp}")
+        jobs = [statuses[r.job] for r in reqs]
+        return SweepResult(out_dir=str(out_dir), records=records,
+                           summary=summarize(records, jobs), jobs=jobs)
+
+    init_ray()
+    if not todo:
+        return finish()
+
+    def on_done(st: JobStatus, recs: list[Record]) -> None:
+        if st.state == "done":
+            store.save(st, recs, prints[st.job])
+
+    own_pool = pool is None
+    pool = pool or ModelPool(cfg.pool, seed=cfg.seed)
+    try:
+        if own_pool:
+            pool.start()
+        coord = Coordinator.remote(pool.client(), max_trainings=cfg.max_trainings,
+                                   warm_trainers=cfg.warm_trainers)
+        try:
+            new, jobs = run_jobs(coord, todo, on_progress, max_jobs=cfg.max_jobs,
+                                 on_done=on_done)
+        except JobsFailed as e:
+            if e.records or records:
+                write_records(records + e.records, out_dir / f"records-{stamp}-partial")
+            raise
+        finally:
+            ray.kill(coord)
+        records += new
+        statuses.update({s.job: s for s in jobs})
+        return finish()
+    finally:
+        if own_pool:
+            pool.shutdown()

@@ -1,0 +1,1 @@
+"""Code the architecture guide (docs/architecture.md) shows verbatim; its tests run it."""
