@@ -27,7 +27,7 @@ from moco_ray.training.checkpoint import save_checkpoint
 from moco_ray.training.data import TokenizeFn, plain, tokenize_rows
 from moco_ray.training.runs import checkpoint_info, job_failed, make_trainer
 from moco_ray.training.trainer import release_engine, run_training, train_worker
-from moco_ray.training.warm import WarmTrainer
+from moco_ray.training.warm import WarmTrainers
 
 log = logging.getLogger(__name__)
 
@@ -243,22 +243,23 @@ def fit_in_turn(train_fn, group: list[Planned], what: str
     return out
 
 
-# Warm trainers of this process by scaling setup (None: every training starts its own run).
-_WARM: dict[tuple, Any] | None = None
+# The process's warm trainers (`keep_warm`); None: a training without warm trainers of its own
+# (a `warm=` argument) starts its own run.
+_WARM: WarmTrainers | None = None
 _WARM_LOCK = threading.Lock()
 
 
 def keep_warm(on: bool) -> None:
     """Route this process's trainings (distill_all, dpo_train_adapters, grpo_train_adapter) to
     warm trainers, one long-lived Ray Train run per scaling setup (see `moco_ray.training.warm`),
-    or stop them (`False`; also done at exit)."""
+    or stop them (`False`; also done at exit). A call given `warm=` uses those instead."""
     global _WARM
     with _WARM_LOCK:
         if on and _WARM is not None:
             return  # already on: keep the trainers that are up
-        hosts, _WARM = (_WARM or {}), ({} if on else None)
-    for host in hosts.values():
-        host.close()
+        old, _WARM = _WARM, (WarmTrainers() if on else None)
+    if old is not None:
+        old.close()
     if on:
         atexit.unregister(_stop_warm)
         atexit.register(_stop_warm)
@@ -270,8 +271,8 @@ def _stop_warm() -> None:
 
 @contextlib.contextmanager
 def cold():
-    """Trainings started in this block (from any thread) each start their own run, as without
-    `keep_warm`; the warm trainers stay up for after it."""
+    """Trainings started in this block (from any thread) without `warm=` each start their own
+    run, as without `keep_warm`; the warm trainers stay up for after it."""
     global _WARM
     with _WARM_LOCK:
         hosts, _WARM = _WARM, None
@@ -283,19 +284,16 @@ def cold():
 
 
 def warm_trainers() -> dict[tuple, Any]:
-    """The warm trainers started so far, by (workers, CPUs each, GPU, storage)."""
-    return dict(_WARM or {})
+    """The process's warm trainers started so far, by (workers, CPUs each, GPU, storage)."""
+    return _WARM.hosts() if _WARM is not None else {}
 
 
-def fit_warm(train_fn, group: list[Planned]) -> dict[str, CheckpointInfo | BaseException]:
+def fit_warm(train_fn, group: list[Planned], warm: WarmTrainers
+             ) -> dict[str, CheckpointInfo | BaseException]:
     """The group's models one after another on the warm trainer of their scaling setup."""
-
     out: dict[str, CheckpointInfo | BaseException] = {}
     for p in group:
-        with _WARM_LOCK:
-            if _WARM is None:
-                raise RuntimeError("warm trainers were stopped while trainings were queued")
-            host = _WARM.setdefault(_scaling(p.cfg), WarmTrainer(p.cfg))
+        host = warm.host(_scaling(p.cfg), p.cfg)
         try:
             rows = p.dataset
             if rows is not None and _is_dataset(rows):  # its rows travel with the job
@@ -306,21 +304,21 @@ def fit_warm(train_fn, group: list[Planned]) -> dict[str, CheckpointInfo | BaseE
     return out
 
 
-def train_packed(planned: list[Planned], train_fn, what: str,
-                 runs: int | None = None) -> dict[str, CheckpointInfo]:
+def train_packed(planned: list[Planned], train_fn, what: str, runs: int | None = None,
+                 warm: WarmTrainers | None = None) -> dict[str, CheckpointInfo]:
     """Train every planned model: the runs of `pack(planned, runs)` all at once, each from its
     own driver thread (Ray places their workers as resources allow; a run that does not fit yet
-    waits for its placement group); under `keep_warm(True)` each group goes to the warm trainer
-    of its scaling setup instead. Returns {model: info} in the given order. If some fail, the
+    waits for its placement group); with `warm` (else the process's, under `keep_warm(True)`)
+    each group goes to the warm trainer of its scaling setup instead. Returns {model: info} in the given order. If some fail, the
     others still finish and one error names every failed model."""
     results: dict[str, CheckpointInfo] = {}
     errors: dict[str, BaseException] = {}
     lock = threading.Lock()
 
-    warm = _WARM is not None
+    warm = warm or _WARM
 
     def run(group: list[Planned]) -> None:
-        got = fit_warm(train_fn, group) if warm else fit_in_turn(train_fn, group, what)
+        got = fit_warm(train_fn, group, warm) if warm else fit_in_turn(train_fn, group, what)
         with lock:
             for name, value in got.items():
                 if isinstance(value, BaseException):
@@ -339,12 +337,14 @@ def train_packed(planned: list[Planned], train_fn, what: str,
 
 
 def distill_all(jobs: list[tuple] | list[DistillJob], cfg: DistillConfig,
-                runs: int | None = None) -> dict[str, CheckpointInfo]:
+                runs: int | None = None, warm: WarmTrainers | None = None
+                ) -> dict[str, CheckpointInfo]:
     """Distill every job's model and return {model: CheckpointInfo}. Jobs are (model,
     base_model_dir, rows_or_dataset, out_dir[, cfg]) tuples or DistillJobs. By default each model
     has its own TorchTrainer and all run at once; `runs=k` packs them into at most k runs that
     train their models in turn (see `pack`: fewer worker-group starts where trainers must
-    queue anyway). Every job is checked before any starts; if some fail, the others still
+    queue anyway); `warm`: train on these warm trainers (see `train_packed`). Every job is
+    checked before any starts; if some fail, the others still
     finish and one error names every failed model."""
 
     preload_imports()
@@ -354,7 +354,7 @@ def distill_all(jobs: list[tuple] | list[DistillJob], cfg: DistillConfig,
     planned = [Planned(j, j.cfg, {"cfg": j.cfg.model_dump(mode="json"), "model_name": j.model,
                                   "base_model_dir": str(Path(j.base_model_dir).resolve())},
                        prepare(j, j.cfg)) for j in jobs]
-    return train_packed(planned, train_worker, "distill", runs)
+    return train_packed(planned, train_worker, "distill", runs, warm)
 
 
 def distill_local(model: str, base_model_dir: str, rows: list[dict], out_dir: str,

@@ -40,6 +40,7 @@ from moco_ray.models.checkpoint import CheckpointInfo, write_manifest
 from moco_ray.training.launch import Planned, check_distinct, preload_imports, train_packed
 from moco_ray.training.runs import checkpoint_info
 from moco_ray.training.trainer import ensure_process_group, release_engine
+from moco_ray.training.warm import WarmTrainers
 
 RewardFn = Callable[[str, dict], float]
 Kind = Literal["dpo", "grpo"]
@@ -365,7 +366,8 @@ def _check_job(job: PreferenceJob) -> None:
 
 def _run_all(kind: Kind, jobs: list[PreferenceJob], cfg: DistillConfig, beta: float,
              settings: GRPOSettings | None, reward_fn: RewardFn | None,
-             runs: int | None = None) -> dict[str, CheckpointInfo]:
+             runs: int | None = None, warm: WarmTrainers | None = None
+             ) -> dict[str, CheckpointInfo]:
     preload_imports()
     check_distinct(jobs, "adapter")
     for j in jobs:
@@ -375,7 +377,7 @@ def _run_all(kind: Kind, jobs: list[PreferenceJob], cfg: DistillConfig, beta: fl
         "base_model_dir": str(Path(j.base_model_dir).resolve()), "rows": j.rows, "beta": beta,
         "settings": settings.model_dump() if settings else None, "reward_fn": reward_fn,
         "init_adapter": j.init_adapter}) for j in jobs]
-    return train_packed(planned, preference_worker, kind, runs)
+    return train_packed(planned, preference_worker, kind, runs, warm)
 
 
 def _check_beta(beta: float) -> None:
@@ -384,7 +386,8 @@ def _check_beta(beta: float) -> None:
 
 
 def dpo_train_adapters(jobs: list[PreferenceJob] | list[tuple], cfg: DistillConfig | None = None,
-                       beta: float = 0.1, runs: int | None = None) -> dict[str, CheckpointInfo]:
+                       beta: float = 0.1, runs: int | None = None,
+                       warm: WarmTrainers | None = None) -> dict[str, CheckpointInfo]:
     """DPO-train one LoRA adapter per job, all at once (one TorchTrainer each, from driver
     threads), or packed into at most `runs` runs that train their adapters in turn. Job rows are
     `{"prompt", "chosen", "rejected"}` pairs. Returns {name: info}; if some fail, the others
@@ -396,13 +399,14 @@ def dpo_train_adapters(jobs: list[PreferenceJob] | list[tuple], cfg: DistillConf
     jobs = [j._replace(rows=check_pairs(j.rows)) for j in jobs]
     for j in jobs:
         _need_rows(j, cfg, len(j.rows))
-    return _run_all("dpo", jobs, cfg, beta, None, None, runs)
+    return _run_all("dpo", jobs, cfg, beta, None, None, runs, warm)
 
 
 def grpo_train_adapter(model: str, base_model_dir: str, prompts: list[dict],
                        reward_fn: RewardFn, out_dir: str, cfg: DistillConfig | None = None,
                        settings: GRPOSettings | None = None,
-                       init_adapter: str | None = None) -> CheckpointInfo:
+                       init_adapter: str | None = None,
+                       warm: WarmTrainers | None = None) -> CheckpointInfo:
     """GRPO-train one LoRA adapter on `prompts` (`{"prompt": ..., **extra}` rows) with the
     picklable `reward_fn(completion, row) -> float`, in one TorchTrainer."""
     cfg = cfg or PREFERENCE_ADAPTER.model_copy(update={"batch_size": 4})
@@ -413,7 +417,7 @@ def grpo_train_adapter(model: str, base_model_dir: str, prompts: list[dict],
             "reward_fn must be a callable reward_fn(completion, row) -> float")
     job = PreferenceJob(model, base_model_dir, check_prompts(prompts), out_dir, init_adapter)
     _need_rows(job, cfg, len(job.rows) * settings.num_generations)
-    return _run_all("grpo", [job], cfg, 0.0, settings, reward_fn)[model]
+    return _run_all("grpo", [job], cfg, 0.0, settings, reward_fn, warm=warm)[model]
 
 
 def _need_rows(job: PreferenceJob, cfg: DistillConfig, n: int) -> None:

@@ -7,34 +7,44 @@ are its own, kept under the job's workdir.
 The coordinator makes one `TrainerService` per actor and hands it to every job's context, so the
 cap on trainings at once (`max_trainings`) holds across all of its jobs. Strategies never import
 this module (the layer contract forbids it); they see the `Trainer` protocol of
-`moco_ray.strategies.base`.
+`moco_ray.strategies.base`. Nothing here is process-wide: two services keep their own caps and
+their own warm trainers.
 """
 from __future__ import annotations
 
 import asyncio
+import atexit
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from moco_ray.config.distill import DEFAULT_ADAPTER, DistillConfig, GRPOSettings
 from moco_ray.records import Cost
-from moco_ray.training.launch import DistillJob, distill_all, keep_warm
+from moco_ray.training.launch import DistillJob, distill_all
 from moco_ray.training.preference import PreferenceJob, dpo_train_adapters, grpo_train_adapter
+from moco_ray.training.warm import WarmTrainers
 
 
 class TrainerService:
     """Adapter training for the jobs of one process. `max_trainings`: Ray Train runs at once
-    across all jobs (None: no cap, Ray's resource scheduling alone decides). `warm`: route this
-    process's trainings to warm trainers (`moco_ray.training.warm`; process-wide, one per
-    scaling setup)."""
+    across all jobs (None: no cap, Ray's resource scheduling alone decides). `warm`: train on
+    warm trainers of this service's own (`moco_ray.training.warm`: one long-lived Ray Train run
+    per scaling setup, stopped by `close` or at exit)."""
 
     def __init__(self, max_trainings: int | None = None, warm: bool = False):
         if max_trainings is not None and max_trainings < 1:
             raise ValueError(f"max trainings at once must be >= 1 or None, got {max_trainings}")
         self._cap = max_trainings or 0
         self._slots = asyncio.Semaphore(max_trainings) if max_trainings else None
-        if warm:
-            keep_warm(True)
+        self._warm = WarmTrainers() if warm else None
+        if self._warm is not None:
+            atexit.register(self._warm.close)
+
+    def close(self) -> None:
+        """Stop this service's warm trainers (if any)."""
+        if self._warm is not None:
+            self._warm.close()
+            atexit.unregister(self._warm.close)
 
     async def train_adapters(self, ctx, jobs: dict[str, tuple[str, list[dict]]],
                              cfg: DistillConfig | None = None) -> dict[str, str]:
@@ -55,8 +65,8 @@ class TrainerService:
         bases = {name: await ctx.pool.weights_path(model) for name, (model, _) in jobs.items()}
         specs = [DistillJob(name, bases[name], rows, str(root / name))
                  for name, (_, rows) in jobs.items()]
-        infos = await self.run_trainings(ctx, specs,
-                                         lambda part, runs: distill_all(part, cfg, runs))
+        infos = await self.run_trainings(
+            ctx, specs, lambda part, runs: distill_all(part, cfg, runs, self._warm))
         return {name: infos[name].path for name in jobs}
 
     async def train_dpo(self, ctx, jobs: dict[str, tuple[str, list[dict], str | None]],
@@ -68,7 +78,7 @@ class TrainerService:
                                init)
                  for name, (model, pairs, init) in jobs.items()]
         infos = await self.run_trainings(
-            ctx, specs, lambda part, runs: dpo_train_adapters(part, cfg, beta, runs))
+            ctx, specs, lambda part, runs: dpo_train_adapters(part, cfg, beta, runs, self._warm))
         return {name: infos[name].path for name in jobs}
 
     async def train_grpo(self, ctx, name: str, model: str, rows: list[dict], reward,
@@ -79,7 +89,8 @@ class TrainerService:
         base = await ctx.pool.weights_path(model)
         infos = await self.run_trainings(ctx, [PreferenceJob(name, base, rows, str(out))],
                                          lambda *_: {name: grpo_train_adapter(
-                                             name, base, rows, reward, str(out), cfg, settings)})
+                                             name, base, rows, reward, str(out), cfg, settings,
+                                             warm=self._warm)})
         return infos[name].path
 
     async def run_trainings(self, ctx, specs: list,

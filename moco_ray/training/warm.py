@@ -19,6 +19,7 @@ job starts a fresh run. A job that fails on some ranks only leaves the others wa
 collective until torch's process-group timeout ends the run.
 
     launch.keep_warm(True)   # this process's trainings use warm trainers, one per scaling setup
+    TrainerService(warm=True)  # or: one service's trainings, on warm trainers of its own
     infos = distill_all(jobs, cfg)   # unchanged callers
     launch.keep_warm(False)  # stops them (also at exit)
 
@@ -208,3 +209,32 @@ class WarmTrainer:
             self._board = None
         if self.cfg.storage_path is None and self._storage:
             shutil.rmtree(self._storage, ignore_errors=True)
+
+
+class WarmTrainers:
+    """Warm trainers by scaling setup (workers, CPUs each, GPU, storage), each started on its
+    first job. A `TrainerService` holds its own set; `launch.keep_warm` holds the process's."""
+
+    def __init__(self):
+        self._hosts: dict[tuple, WarmTrainer] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def host(self, key: tuple, cfg: DistillConfig) -> WarmTrainer:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("warm trainers were stopped while trainings were queued")
+            if key not in self._hosts:
+                self._hosts[key] = WarmTrainer(cfg)
+            return self._hosts[key]
+
+    def hosts(self) -> dict[tuple, WarmTrainer]:
+        with self._lock:
+            return dict(self._hosts)
+
+    def close(self) -> None:
+        """Stop every run (each finishes the job in hand first); later jobs are refused."""
+        with self._lock:
+            hosts, self._hosts, self._closed = self._hosts, {}, True
+        for host in hosts.values():
+            host.close()

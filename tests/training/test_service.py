@@ -72,3 +72,36 @@ def test_a_cap_bounds_runs_across_jobs_and_packs_each_jobs_specs(cap, groups):
 def test_bad_cap_is_refused():
     with pytest.raises(ValueError, match=">= 1"):
         TrainerService(max_trainings=0)
+
+
+def test_a_warm_service_trains_on_warm_trainers_of_its_own(monkeypatch, tmp_path):
+    """Nothing process-wide: a warm service hands its own warm trainers to every training, and
+    the process's (`launch.keep_warm`) stay off; a cold service hands none."""
+    from moco_ray.training import launch
+    from moco_ray.training import service as service_mod
+    from moco_ray.training.warm import WarmTrainers
+
+    seen = []
+
+    def fake_distill_all(specs, cfg, runs, warm):
+        seen.append(warm)
+        return {s.model: SimpleNamespace(path=s.out_dir) for s in specs}
+
+    monkeypatch.setattr(service_mod, "distill_all", fake_distill_all)
+
+    class Pool:
+        async def weights_path(self, model):
+            return f"/weights/{model}"
+
+    ctx = SimpleNamespace(cost={}, models=["m"], workdir=str(tmp_path), pool=Pool())
+    warm, cold = TrainerService(warm=True), TrainerService()
+    try:
+        for svc in (warm, cold):
+            paths = asyncio.run(svc.train_adapters(ctx, {"a": ("m", [{"messages": []}])}))
+            assert paths["a"].startswith(str(tmp_path))
+    finally:
+        warm.close()
+    assert isinstance(seen[0], WarmTrainers) and seen[1] is None
+    assert launch.warm_trainers() == {}
+    with pytest.raises(RuntimeError, match="stopped"):  # closed: no job reaches a dead run
+        seen[0].host(("k",), None)
