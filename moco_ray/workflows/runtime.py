@@ -22,24 +22,51 @@ TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_S = "0.5"
 
 
+# Settings every actor and task of a run must see as the driver does (the coordinator reads
+# MOCO_RAY_WORKDIR for the adapters and candidates it writes; engines and trainers read the hub
+# settings when they open a model): passed on in the job's runtime env when set.
+FORWARDED_ENV = ("MOCO_RAY_WORKDIR", "MOCO_RAY_CACHE", "MOCO_RAY_DATA", "HF_HOME", "HF_HUB_CACHE",
+                 "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_TOKEN")
+
+
 def job_env() -> dict:
     """The runtime env of a run's Ray job: env vars every worker gets (the Train controllers
     among them), on a local Ray and on a cluster alike."""
-    return {"env_vars": {TRAIN_POLL_ENV: os.environ.get(TRAIN_POLL_ENV, TRAIN_POLL_S)}}
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env[TRAIN_POLL_ENV] = os.environ.get(TRAIN_POLL_ENV, TRAIN_POLL_S)
+    return {"env_vars": env}
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to $RAY_ADDRESS if set, else start a local Ray (token auth off for local runs)."""
+def started_cluster() -> str | None:
+    """The address of the cluster `ray start` last started on this node, or None. Only that
+    one: `address="auto"` alone would also take any Ray instance it finds running here, such as
+    another program's local Ray."""
+    try:  # Ray's own lookup for `ray.init()` without an address (a private helper)
+        from ray._private.services import find_bootstrap_address
+    except ImportError:
+        return None
+    return find_bootstrap_address(None)
+
+
+def init_ray(num_cpus: int | None = None) -> str:
+    """Attach to a running cluster, else start a local Ray; returns which ("address", "auto" or
+    "local"). A cluster is $RAY_ADDRESS (e.g. under `ray job submit`), else the one `ray start`
+    runs on this node (`started_cluster`); only where neither exists does a local Ray start, with
+    token auth off. Cluster resources are the cluster's own: `num_cpus` applies to a local Ray."""
     import ray
 
     if ray.is_initialized():
-        return
+        return "initialized"
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=job_env())
-        return
+        return "address"
+    if started_cluster() is not None:
+        ray.init(address="auto", runtime_env=job_env())
+        return "auto"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # A local run shares one machine between the pool, Ray Data and the trainers; engines sit
     # idle while trainers run, so declare more logical CPUs than cores rather than deadlock
     # (a Ray Data task waiting forever for a CPU the pool's replicas hold).
     ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
              log_to_driver=False, runtime_env=job_env())
+    return "local"

@@ -92,3 +92,19 @@ def test_completion_response_logprobs_and_offsets():
     assert lp["top_logprobs"][0] == {"Hello": -0.1, " world": -2.5}
     assert r["choices"][1]["logprobs"] is None
     assert r["usage"]["total_tokens"] == 14
+
+
+def test_bounds_on_prompts_and_max_tokens():
+    req = CompletionRequest(model="m", prompt=["a", "b", "c"], max_tokens=10)
+    assert req.prompts(3) == ["a", "b", "c"] and req.params(10).max_tokens == 10
+    with pytest.raises(OpenAIError, match="at most 2") as e:
+        req.prompts(2)
+    assert e.value.status == 400 and e.value.param == "prompt"
+    with pytest.raises(OpenAIError, match="max_tokens<=9") as e:
+        req.params(9)
+    assert e.value.status == 400 and e.value.param == "max_tokens"
+    with pytest.raises(OpenAIError, match="empty"):
+        CompletionRequest(model="m", prompt=[]).prompts()
+    # no bound given: as before (engine default when max_tokens is not sent)
+    assert CompletionRequest(model="m", prompt="x").params().max_tokens == 64
+    assert CompletionRequest(model="m", prompt="x").params(8).max_tokens == 8
