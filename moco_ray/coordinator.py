@@ -39,6 +39,9 @@ class JobRequest(BaseModel):
     concurrency: int = 16
     run: str = ""
     generation: int = 0
+    skip: frozenset[tuple[str, str]] = Field(
+        default_factory=frozenset, description="(split, example id) pairs an earlier run of "
+        "this job already recorded: not run again")
 
 
 class JobStatus(BaseModel):
@@ -51,10 +54,19 @@ class JobStatus(BaseModel):
     seconds: float = 0.0
 
 
+def todo(req: JobRequest, split: str):
+    """The examples of `split` that `req` still has to run (all but those in `req.skip`)."""
+    part = req.task.split(split)
+    if not req.skip:
+        return part
+    return type(part)(task=part.task,
+                      examples=tuple(e for e in part.examples if (split, e.id) not in req.skip))
+
+
 class _Job:
     def __init__(self, req: JobRequest):
         self.req = req
-        self.total = sum(len(req.task.split(s)) for s in req.splits)
+        self.total = sum(len(todo(req, s)) for s in req.splits)
         self.pending: list[Record] = []
         self.done = 0
         self.state = "running"
@@ -85,7 +97,7 @@ async def run_job(req: JobRequest, pool: PoolClient, job: _Job | None = None,
     await strategy.fit_checked(ctx, req.task.dev)
     out: list[Record] = []
     for split in req.splits:
-        async for rec in strategy.run(ctx, req.task.split(split), concurrency=req.concurrency):
+        async for rec in strategy.run(ctx, todo(req, split), concurrency=req.concurrency):
             rec = rec.model_copy(update={"run": req.run, "generation": req.generation,
                                          "job": req.job})
             out.append(rec)

@@ -259,3 +259,60 @@ def test_release_memory_returns_what_worker_threads_freed():
                          timeout=300, check=True)
     before, after = (float(x) for x in res.stdout.split("RSS_MB")[1].split())
     assert before - after > 500, (before, after)  # of the ~1.2 GiB the threads had made
+
+
+@register("test_fail_on_flag")
+class FailOnFlag(Strategy):
+    """Test strategy: answers in example order, logs each example it solves to `log`, and fails
+    at the third example while the file `flag` exists (a run cut off mid-job)."""
+
+    level = "text"
+
+    class Params(Strategy.Params):
+        flag: str
+        log: str
+
+    async def solve(self, ctx, example):
+        from pathlib import Path
+
+        log = Path(self.params.log)
+        solved = log.read_text().split() if log.exists() else []
+        if len(solved) >= 2 and Path(self.params.flag).exists():
+            raise RuntimeError("cut off")
+        log.write_text("".join(f"{i}\n" for i in [*solved, example.id]))
+        [g] = await ctx.generate(ctx.models[0], ctx.task.prompt(example), SamplingParams())
+        return Answer(output=g.text)
+
+
+def test_a_job_cut_off_mid_way_reruns_only_its_unfinished_examples(ray_session, tmp_path):
+    from moco_ray.config import JobSpec, ModelSpec, PoolConfig, RunConfig, TaskSpec
+    from moco_ray.workflows.sweep import JobsFailed, run_config
+
+    flag, log = tmp_path / "flag", tmp_path / "solved.log"
+    flag.touch()
+    cfg = RunConfig(
+        run_name="cut", output_dir=str(tmp_path), concurrency=1,
+        pool=PoolConfig(models=[ModelSpec(name="m0", path="unused")]),
+        tasks=[TaskSpec(name="reverse", source="synthetic", dev_limit=2, test_limit=6)],
+        jobs=[JobSpec(strategy="test_fail_on_flag",
+                      params={"flag": str(flag), "log": str(log)})])
+    run = lambda: run_config(cfg, pool=_PoolHandle(ScriptedPool(["m0"])))
+
+    with pytest.raises(JobsFailed, match="cut off"):
+        run()
+    first = log.read_text().split()
+    partial = list((tmp_path / "cut" / "jobs").glob("*.partial/*.parquet"))
+    assert first and partial  # what ran before the cut was kept as it streamed in
+
+    flag.unlink()
+    log.write_text("")
+    done = run()
+    second = log.read_text().split()
+    ids = sorted(r.example_id for r in done.records)
+    assert len(ids) == 6 and len(set(ids)) == 6  # nothing lost, nothing twice
+    assert not set(first) & set(second)  # the rerun ran only what the cut left undone
+    assert sorted(first + second) == ids
+    # Saved whole now: the partial records are gone, and a third run runs nothing.
+    assert not list((tmp_path / "cut" / "jobs").glob("*.partial"))
+    log.write_text("")
+    assert len(run().records) == 6 and log.read_text() == ""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,7 +19,10 @@ class JobStore:
     (its records) and `<job>.json` (its status and a fingerprint of everything that fixes its
     result: job spec, task spec, pool, seed). A rerun of the same config takes a saved job back
     instead of running it again; a job whose fingerprint changed (other params, other models)
-    runs again. So a run cut off (killed, out of time) loses only the jobs in flight."""
+    runs again. While a job runs, its records are also appended as they stream in
+    (`<job>.partial/<fingerprint>-<n>.parquet`), so a run cut off (killed, out of time) loses
+    only the examples in flight: the rerun of a job skips the examples it finds there (its `fit`
+    runs again: what a strategy learned is not saved)."""
 
     def __init__(self, out_dir: Path, cfg: RunConfig):
         self.dir = Path(out_dir) / "jobs"
@@ -43,8 +47,37 @@ class JobStore:
             return None
         return read_records(data), JobStatus.model_validate(saved["status"])
 
+    def _partial_dir(self, job_id: str) -> Path:
+        return self.dir / f"{job_id}.partial"
+
+    def append(self, job_id: str, records: list[Record], fingerprint: str) -> None:
+        """Add records of a running job: one more part file, written atomically."""
+        if not records:
+            return
+        d = self._partial_dir(job_id)
+        d.mkdir(parents=True, exist_ok=True)
+        n = sum(1 for _ in d.glob(f"{fingerprint}-*.parquet"))
+        part = d / f"{fingerprint}-{n:06d}.parquet"
+        tmp = part.with_suffix(".tmp")
+        pq.write_table(records_to_table(records), tmp)
+        tmp.replace(part)
+
+    def discard_partial(self, job_id: str) -> None:
+        shutil.rmtree(self._partial_dir(job_id), ignore_errors=True)
+
+    def partial(self, job_id: str, fingerprint: str) -> list[Record]:
+        """Records an unfinished run of `job_id` with this fingerprint kept (one per example:
+        a part written twice by a retried poll counts once)."""
+        d = self._partial_dir(job_id)
+        seen: dict[tuple[str, str], Record] = {}
+        for part in sorted(d.glob(f"{fingerprint}-*.parquet")) if d.is_dir() else []:
+            for r in read_records(part):
+                seen.setdefault((r.split, r.example_id), r)
+        return list(seen.values())
+
     def save(self, status: JobStatus, records: list[Record], fingerprint: str) -> None:
-        """Write atomically (temp file, then rename): a kill mid-write leaves no half job."""
+        """Write atomically (temp file, then rename): a kill mid-write leaves no half job. The
+        job's partial records go once it is saved whole."""
         self.dir.mkdir(parents=True, exist_ok=True)
         data, meta = self._paths(status.job)
         tmp = data.with_suffix(".parquet.tmp")
@@ -54,3 +87,4 @@ class JobStore:
         tmp.write_text(json.dumps({"fingerprint": fingerprint,
                                    "status": status.model_dump(mode="json")}, indent=1))
         tmp.replace(meta)
+        shutil.rmtree(self._partial_dir(status.job), ignore_errors=True)

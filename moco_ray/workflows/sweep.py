@@ -91,10 +91,12 @@ def run_jobs(coordinator, reqs: list[JobRequest],
              on_progress: Callable[[JobStatus, int], None] | None = None,
              max_jobs: int | None = None,
              on_done: Callable[[JobStatus, list[Record]], None] | None = None,
+             on_records: Callable[[str, list[Record]], None] | None = None,
              ) -> tuple[list[Record], list[JobStatus]]:
     """Submit the jobs (all at once, or at most `max_jobs` in flight, the next one as soon as
-    one ends; they share the pool) and stream their records back. `on_done` gets each job's
-    final status and all its records as soon as it ends (to save them then)."""
+    one ends; they share the pool) and stream their records back. `on_records(job, records)`
+    gets each batch as it arrives, `on_done` each job's final status and all its records as
+    soon as it ends (to save them then)."""
     import ray
 
     waiting = list(reqs)
@@ -111,6 +113,8 @@ def run_jobs(coordinator, reqs: list[JobRequest],
                                    ray.get([coordinator.poll.remote(j, 0.5) for j in live])):
             records += recs
             per_job[job] += recs
+            if on_records and recs:
+                on_records(job, recs)
             if on_progress:
                 on_progress(st, len(recs))
             if st.state != "running":
@@ -153,8 +157,17 @@ def run_config(cfg: RunConfig, on_progress=None, pool=None, resume: bool = True,
                 saved[r.job] = got
     if on_resumed:
         on_resumed(len(saved), len(reqs))
-    todo = [r for r in reqs if r.job not in saved]
+    # Unfinished jobs keep the examples an earlier run recorded; they run the rest (under
+    # resume=False every job starts over, and what earlier runs kept of it goes).
+    if not resume:
+        for r in reqs:
+            store.discard_partial(r.job)
+    earlier = {r.job: store.partial(r.job, prints[r.job]) for r in reqs if r.job not in saved}
+    todo = [r.model_copy(update={"skip": frozenset((x.split, x.example_id)
+                                                   for x in earlier[r.job])})
+            for r in reqs if r.job not in saved]
     records = [rec for recs, _ in saved.values() for rec in recs]
+    records += [rec for recs in earlier.values() for rec in recs]
     statuses = {job: st for job, (_, st) in saved.items()}
     stamp = time.strftime("%Y%m%d-%H%M%S")
 
@@ -170,7 +183,10 @@ def run_config(cfg: RunConfig, on_progress=None, pool=None, resume: bool = True,
 
     def on_done(st: JobStatus, recs: list[Record]) -> None:
         if st.state == "done":
-            store.save(st, recs, prints[st.job])
+            store.save(st, earlier[st.job] + recs, prints[st.job])
+
+    def on_records(job: str, recs: list[Record]) -> None:
+        store.append(job, recs, prints[job])
 
     own_pool = pool is None
     pool = pool or ModelPool(cfg.pool, seed=cfg.seed)
@@ -181,7 +197,7 @@ def run_config(cfg: RunConfig, on_progress=None, pool=None, resume: bool = True,
                                    warm_trainers=cfg.warm_trainers)
         try:
             new, jobs = run_jobs(coord, todo, on_progress, max_jobs=cfg.max_jobs,
-                                 on_done=on_done)
+                                 on_done=on_done, on_records=on_records)
         except JobsFailed as e:
             if e.records or records:
                 write_records(records + e.records, out_dir / f"records-{stamp}-partial")
