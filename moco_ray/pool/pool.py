@@ -21,6 +21,7 @@ from moco_ray import models
 from moco_ray.config import ConfigError, PoolConfig
 from moco_ray.pool.client import ServeClient
 from moco_ray.pool.logit_group import LogitGroupServer
+from moco_ray.pool.openai_api import OpenAILimits
 from moco_ray.pool.server import ModelServer
 from moco_ray.pool.swap import hotswap as _swap
 from moco_ray.pool.swap.hotswap import WeightVersion
@@ -125,10 +126,13 @@ class ModelPool:
         if self._apps:
             raise RuntimeError(f"pool {self.config.name!r} is already started")
         self.validate(check_resources)
+        # Before anything starts: refuses a non-loopback host whose API key has left the env.
+        limits = {m.name: OpenAILimits.for_model(self.config, m) for m in self.config.models}
         self.paths = {m.name: models.resolve_path(m.path) for m in self.config.models}
         client = _serve_client()
         if client is None:
-            serve.start(http_options={"host": "127.0.0.1", "port": self.config.http_port})
+            serve.start(http_options={"host": self.config.http_host,
+                                      "port": self.config.http_port})
             self._started_serve = True
             client = _serve_client()
         self.http_port = client.http_config.port
@@ -149,7 +153,7 @@ class ModelPool:
             # registry: its versions are its own and no record of a member depends on them.
             app = dep.bind(m.name, m.engine_spec(self.paths[m.name], seed=self.seed),
                            swap_registry=registry if m.role == "member" else None,
-                           weight_sync=m.weight_sync)
+                           weight_sync=m.weight_sync, openai_limits=limits[m.name])
             targets.append(RunTarget(app, name=self.app_name(m.name), route_prefix=f"/{m.name}"))
         for g in self.config.logit_groups:
             dep = LogitGroupServer.options(

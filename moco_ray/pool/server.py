@@ -17,7 +17,7 @@ from ray import serve
 from moco_ray.config import EngineSpec
 from moco_ray.engines.base import Engine
 from moco_ray.engines.registry import build_engine
-from moco_ray.pool.openai_api import OpenAIRoutes, openai_app
+from moco_ray.pool.openai_api import OpenAILimits, OpenAIRoutes, openai_app
 from moco_ray.pool.swap import hotswap as swap
 from moco_ray.pool.swap.hotswap import WeightGate, WeightVersion
 from moco_ray.pool.swap.sync import check_off_loop
@@ -43,11 +43,13 @@ class HealthProbe(Protocol):
 class ModelServer(OpenAIRoutes):
     """Serves one pool model. `name` is the pool's name for it; `spec` builds its engine;
     `swap_registry` names the pool's `swap.SwapRegistry` (None: a server outside a pool);
-    `weight_sync` the backend that loads new weights (pool/swap/sync.py)."""
+    `weight_sync` the backend that loads new weights (pool/swap/sync.py); `openai_limits` what
+    its HTTP routes allow (None: no API key, max_tokens bounded by max_model_len)."""
 
     async def __init__(self, name: str, spec: EngineSpec, swap_registry: str | None = None,
-                       weight_sync: str = "disk"):
+                       weight_sync: str = "disk", openai_limits: OpenAILimits | None = None):
         self.name = name
+        self.openai_limits = openai_limits or OpenAILimits(max_tokens=spec.max_model_len)
         self.sync = make_weight_sync(weight_sync)  # how new weights reach this replica
         self.spec = spec
         self.model_path = spec.model

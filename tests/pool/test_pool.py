@@ -140,6 +140,11 @@ def test_openai_errors_name_the_problem(pool):
     r = httpx.post(pool.url("tiny-vllm") + "/completions",
                    json={"model": "tiny-vllm", "prompt": "x", "max_tokens": 0}, timeout=30)
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+    # bounds from the pool config: max_tokens by max_model_len (256), prompts per request (128)
+    with pytest.raises(openai.BadRequestError, match="limit of 256"):
+        api.completions.create(model="tiny-vllm", prompt="x", max_tokens=257)
+    with pytest.raises(openai.BadRequestError, match="at most 128"):
+        api.completions.create(model="tiny-vllm", prompt=["x"] * 129, max_tokens=1)
 
 
 def test_httpx_completion_with_seed_and_stop(pool):

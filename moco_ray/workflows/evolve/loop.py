@@ -65,7 +65,8 @@ def evolve(cfg: EvolveConfig, run_dir: Path, on_stage: ProgressFn | None = None,
     cfg_file = run_dir / "config.yaml"
     if cfg_file.exists():
         saved = EvolveConfig.model_validate(yaml.safe_load(cfg_file.read_text()))
-        if saved != cfg:
+        # Dumps, not models: a secret (the pool's api_key) is never written to config.yaml.
+        if saved.model_dump(mode="json") != cfg.model_dump(mode="json"):
             raise ConfigError([("config differs from the one this run started with "
                                 f"({cfg_file}); resume with that config or start a new "
                                 "run_name")],
