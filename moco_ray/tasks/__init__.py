@@ -1,7 +1,9 @@
 """Tasks: MoCo task files, JSONL, hub datasets and synthetic tasks, with their metrics.
 
 `load_task(spec)` is the entry point; `known_task(spec)` is the cheap check config validation uses.
-Code answers run in `sandbox.run_python` (separate process, resource limits, audit hook).
+Code answers run in `sandbox.run_python`: bubblewrap namespaces (no network, read-only filesystem
+but the program's dir), seccomp, resource limits and audit hooks; the verdict comes from a guard
+thread the program cannot reach (see sandbox.py).
 """
 from moco_ray.tasks.base import DevSplit, Example, Task, TestSplit, require_dev
 from moco_ray.tasks.loaders import (
