@@ -13,7 +13,6 @@ import atexit
 import contextlib
 import logging
 import shutil
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from moco_ray.memory import release_memory
 from moco_ray.models.checkpoint import CheckpointInfo
 from moco_ray.training.checkpoint import save_checkpoint
 from moco_ray.training.data import TokenizeFn, plain, tokenize_rows
-from moco_ray.training.runs import checkpoint_info, job_failed, make_trainer
+from moco_ray.training.runs import checkpoint_info, job_failed, make_trainer, scratch_storage
 from moco_ray.training.trainer import release_engine, run_training, train_worker
 from moco_ray.training.warm import WarmTrainers
 
@@ -185,7 +184,7 @@ def _one_run(train_fn, group: list[Planned], what: str
             datasets[config["dataset"]] = (p.dataset if _is_dataset(p.dataset)
                                            else ray.data.from_items(p.dataset))
         configs.append(config)
-    storage = cfg.storage_path or tempfile.mkdtemp(prefix=f"moco_{what}_")
+    storage = cfg.storage_path or scratch_storage(f"moco_{what}_")
     name = f"{what}-{group[0].job.model}-{time.time_ns()}"
     trainer = make_trainer(in_turn_worker, {"worker": train_fn, "jobs": configs}, cfg, name,
                            storage, checkpoint_config=CheckpointConfig(num_to_keep=None),

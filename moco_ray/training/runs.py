@@ -2,7 +2,9 @@
 failed model reports, and the description of a saved checkpoint."""
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +55,13 @@ def checkpoint_info(model: str, out_dir: str, seconds: float) -> CheckpointInfo:
         final_loss=manifest["final_loss"], losses=manifest["losses"], seconds=seconds,
         train_entered=manifest["train_entered"], train_started=manifest["train_started"],
         train_finished=manifest["train_finished"])
+
+
+def scratch_storage(prefix: str) -> str:
+    """A new storage dir of a run that has no `storage_path`: under $MOCO_RAY_WORKDIR when set
+    (storage every node sees, on a cluster; the job's runtime env carries it to every actor),
+    else the system temp dir (one machine). The run removes it once its checkpoints are out."""
+    root = os.environ.get("MOCO_RAY_WORKDIR") or None
+    if root:
+        os.makedirs(root, exist_ok=True)
+    return tempfile.mkdtemp(prefix=prefix, dir=root)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -40,7 +39,13 @@ from typing import Any
 from moco_ray.config.distill import DistillConfig
 from moco_ray.memory import release_memory
 from moco_ray.models.checkpoint import CheckpointError, CheckpointInfo
-from moco_ray.training.runs import checkpoint_info, first_cause, job_failed, make_trainer
+from moco_ray.training.runs import (
+    checkpoint_info,
+    first_cause,
+    job_failed,
+    make_trainer,
+    scratch_storage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +152,7 @@ class WarmTrainer:
         elif dropped := ray.get(self._board.drain.remote()):
             log.warning("warm trainer: dropped %d jobs of the run that ended", dropped)
         cfg = self.cfg
-        self._storage = cfg.storage_path or tempfile.mkdtemp(prefix="moco_warm_")
+        self._storage = cfg.storage_path or scratch_storage("moco_warm_")
         trainer = make_trainer(host_worker, {"board": self._board}, cfg,
                                f"warm-trainer-{time.time_ns()}", self._storage)
         self._error = None

@@ -105,3 +105,17 @@ def test_a_warm_service_trains_on_warm_trainers_of_its_own(monkeypatch, tmp_path
     assert launch.warm_trainers() == {}
     with pytest.raises(RuntimeError, match="stopped"):  # closed: no job reaches a dead run
         seen[0].host(("k",), None)
+
+
+def test_run_storage_follows_the_shared_workdir(monkeypatch, tmp_path):
+    """Ray Train storage of a run without storage_path: under $MOCO_RAY_WORKDIR when set (every
+    node sees it on a cluster), else the node's temp dir."""
+    import tempfile
+
+    from moco_ray.training.runs import scratch_storage
+
+    monkeypatch.setenv("MOCO_RAY_WORKDIR", str(tmp_path / "shared"))
+    d = scratch_storage("moco_distill_")
+    assert d.startswith(str(tmp_path / "shared" / "moco_distill_"))
+    monkeypatch.delenv("MOCO_RAY_WORKDIR")
+    assert scratch_storage("moco_warm_").startswith(tempfile.gettempdir())
