@@ -31,7 +31,7 @@ _m.violations.clear()
 
 SPRAY = """
 def spray(payloads):
-    for fd in range(3, 64):
+    for fd in range(3, 1024):  # every inherited descriptor, wherever the parent's pipes landed
         for p in payloads:
             try:
                 os.write(fd, p)
@@ -219,14 +219,17 @@ socket.create_connection(('1.1.1.1', 80), timeout=2)
     "tamper_then_fork": TAMPER + "os.fork()\n",
     "tamper_then_posix_spawn": TAMPER + "os.posix_spawn('/bin/true', ['true'], {})\n",
     "tamper_then_exec": TAMPER + "os.execv('/bin/sh', ['sh', '-c', 'exit 0'])\n",
-    "fd_junk_then_finish": "import os\n" + SPRAY + "spray([b'\\0' * 64])\n",
-    "fd_close_all_then_finish": "import os\nos.closerange(3, 64)\n",
-    "fd_redirect_to_stdout_then_finish": """import os
-for fd in range(3, 64):
+    # Fd games, then a failing test: whatever the descriptors do, a failing program must fail
+    # (a program that only plays fd games and then passes its tests may pass).
+    "fd_junk_then_fail": "import os\n" + SPRAY + "spray([b'\\0' * 64])\nassert False\n",
+    "fd_close_all_then_fail": "import os\nos.closerange(3, 1024)\nassert False\n",
+    "fd_redirect_to_stdout_then_fail": """import os
+for fd in range(3, 1024):
     try:
         os.dup2(1, fd)
     except OSError:
         pass
+assert False
 """,
     "fork_bomb_past_the_hook": TAMPER + "while True:\n    os.fork()\n",
     "thread_bomb": """import threading, time
