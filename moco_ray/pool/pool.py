@@ -86,7 +86,6 @@ class ModelPool:
 
     def validate(self, check_resources: bool = True) -> None:
         """Raise one ConfigError listing every problem of the config; deploys nothing."""
-
         problems: list[str] = []
         for i, m in enumerate(self.config.models):
             err = models.check_path(m.path)
@@ -122,7 +121,6 @@ class ModelPool:
 
     def start(self, timeout_s: float = 900.0, check_resources: bool = True) -> Self:
         """Validate, resolve paths, deploy every model and group, wait until all are RUNNING."""
-
         if self._apps:
             raise RuntimeError(f"pool {self.config.name!r} is already started")
         self.validate(check_resources)

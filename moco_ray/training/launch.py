@@ -144,7 +144,6 @@ def in_turn_worker(config: dict[str, Any]) -> None:
     """Ray Train entry of a run that trains several models: `config["worker"](job)` for each of
     `config["jobs"]` in turn, in the same worker processes (one worker-group start, imports and
     the DeepSpeed op loaded once); memory is handed back between models."""
-
     for i, job in enumerate(config["jobs"]):
         if i:
             release_memory()
@@ -345,7 +344,6 @@ def distill_all(jobs: list[tuple] | list[DistillJob], cfg: DistillConfig,
     queue anyway); `warm`: train on these warm trainers (see `train_packed`). Every job is
     checked before any starts; if some fail, the others still
     finish and one error names every failed model."""
-
     preload_imports()
     jobs = [DistillJob(*j) for j in jobs]
     check_distinct(jobs, "model")
@@ -360,7 +358,6 @@ def distill_local(model: str, base_model_dir: str, rows: list[dict], out_dir: st
                   cfg: DistillConfig) -> CheckpointInfo:
     """One model in this process on one rank (no Ray): the same loop and checkpoint as a
     worker. For debugging and quick checks; `cfg.num_workers` must be 1."""
-
     if cfg.num_workers != 1:
         raise ValueError(f"distill_local runs one rank; num_workers={cfg.num_workers}; "
                          "fix: use distill_all for more workers")

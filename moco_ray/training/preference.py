@@ -223,7 +223,6 @@ def run_preference(kind: Kind, cfg: DistillConfig, base_model_dir: str, rows: li
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-
     deepspeed.utils.logger.setLevel(logging.WARNING)
     if not ray_worker:  # one local rank: what accelerate reads when no launcher set it up
         for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),

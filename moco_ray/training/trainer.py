@@ -187,7 +187,6 @@ def train_worker(config: dict[str, Any]) -> None:
 
     import ray.train
 
-
     entered = time.time()
     cfg = DistillConfig.model_validate(config["cfg"])
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))

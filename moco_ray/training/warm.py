@@ -102,7 +102,6 @@ def host_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-
     board = config["board"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -146,7 +145,6 @@ class WarmTrainer:
     def _start(self) -> None:
         import ray
 
-
         if self._board is None:
             self._board = ray.remote(num_cpus=0)(_Board).remote()
         elif dropped := ray.get(self._board.drain.remote()):
@@ -173,7 +171,6 @@ class WarmTrainer:
         config (the cold path's), `rows` its tokenized rows if it reads them from a dataset.
         Returns the verified checkpoint's info; raises naming the model if it failed."""
         import ray
-
 
         out = str(Path(out_dir).resolve())
         key = uuid.uuid4().hex

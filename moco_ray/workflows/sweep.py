@@ -56,7 +56,6 @@ def job_request(cfg, job: JobSpec, task: Task, job_id: str, generation: int = 0,
                 splits: tuple | None = None) -> JobRequest:
     """One JobRequest; a logit-level job runs on its group's members, in the group's order
     (fusion weights are per member)."""
-
     groups = {g.name: g for g in cfg.pool.logit_groups}
     group = job.logit_group or next(iter(groups), None)
     models = job.models or [m.name for m in cfg.pool.members]
@@ -142,7 +141,6 @@ def run_config(cfg: RunConfig, on_progress=None, pool=None, resume: bool = True,
     run of the same config finished are taken from there, not run again (`on_resumed(n_saved,
     n_jobs)` is told how many), and if none is left no pool starts."""
     import ray
-
 
     tasks = load_tasks(cfg)
     out_dir = Path(cfg.output_dir) / cfg.run_name

@@ -40,7 +40,6 @@ def train_specialist(out_dir: Path, main: str, seed: int, tasks=SPECIALIST_TASKS
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-
     if main not in tasks:
         raise ValueError(f"main task {main!r} is not one of {tasks}")
     make_tiny_llama(out_dir, tiny_tokenizer_dir(), seed=seed, initializer_range=0.02)

@@ -71,7 +71,6 @@ class WeightVersion(BaseModel):
 
 def validate(path: str, live_dir: str) -> None:
     """Raise SwapError naming every reason `path` cannot replace the weights of `live_dir`."""
-
     root, live = Path(path), local_model_dir(live_dir)
     where = f"checkpoint {str(path)!r} refused (the old weights keep serving)"
     if not root.is_dir():

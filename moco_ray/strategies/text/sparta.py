@@ -252,7 +252,6 @@ class Sparta(Strategy):
         """The DPO settings of a round with `n_pairs` pairs: fewer pairs than one step takes
         (batch_size per worker) train on smaller batches; None when the pairs cannot give every
         worker one (that round trains nothing)."""
-
         p = self.params
         batch = min(p.batch_size, n_pairs // p.num_workers)
         if batch < 1:

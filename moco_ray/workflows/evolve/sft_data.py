@@ -133,7 +133,6 @@ def build_rows(records, models: list[str], system: str, recipe: str, keep: str,
     """`sft_datasets` over in-memory Records, materialized (for tests and small runs)."""
     import ray.data
 
-
     ds = ray.data.from_arrow(records_to_table(list(records)))
     key = lambda r: (r["source"], r["task"], r["example_id"])
     return {m: sorted((_plain(r) for r in d.take_all()), key=key)

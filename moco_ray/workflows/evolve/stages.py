@@ -66,7 +66,6 @@ class Stages:
     def _run(self, reqs: list) -> list[Record]:
         import ray
 
-
         coord = Coordinator.remote(self.pool.client())
         try:
             records, _ = run_jobs(coord, reqs)
@@ -105,7 +104,6 @@ class Stages:
         Parquet dataset per model."""
         import shutil
 
-
         records = read_dataset(self.manifest.output(f"collab_{g}")["records"])
         datasets = sft_datasets(records, self.models, self.cfg.system.strategy, self.cfg.recipe,
                                 self.cfg.keep, self.tasks, seed=self.cfg.seed + g)
@@ -130,7 +128,6 @@ class Stages:
         import json
 
         import pyarrow.parquet as pq
-
 
         data = self.manifest.output(f"data_{g}")["data"]
         jobs = []
