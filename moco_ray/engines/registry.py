@@ -6,10 +6,9 @@ takes an engine class directly, so a test or a user can hand in their own.
 """
 from __future__ import annotations
 
-from importlib import import_module
-
 from moco_ray.config.engine import EngineSpec
 from moco_ray.engines.base import Engine
+from moco_ray.plugins import load_object
 
 # kind -> engine class, or "module:Class" for the built-ins (imported when first built).
 _KINDS: dict[str, type | str] = {"vllm": "moco_ray.engines.vllm:VLLMEngine",
@@ -30,15 +29,13 @@ def engine_kinds() -> list[str]:
 def engine_class(kind: str) -> type:
     """The class of a registered kind, or of 'package.module:Class'."""
     if ":" in kind and kind not in _KINDS:
-        mod, _, attr = kind.partition(":")
-        return getattr(import_module(mod), attr)
+        return load_object(kind)
     try:
         cls = _KINDS[kind]
     except KeyError:
         raise ValueError(f"unknown engine kind {kind!r}; valid: {engine_kinds()}") from None
     if isinstance(cls, str):  # a built-in, imported on first use (vLLM is heavy)
-        mod, _, attr = cls.partition(":")
-        cls = _KINDS[kind] = getattr(import_module(mod), attr)
+        cls = _KINDS[kind] = load_object(cls)
     return cls
 
 

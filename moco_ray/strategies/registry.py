@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from moco_ray.plugins import load_object
 from moco_ray.strategies.base import _REGISTRY, Strategy
 
 _LEVEL_PACKAGES = ("api", "text", "logit", "weight")
@@ -25,8 +26,7 @@ def _load_builtins() -> None:
 def get_strategy(name: str) -> type[Strategy]:
     """Look a strategy up by registered name or by 'package.module:Class'."""
     if ":" in name:
-        mod, _, attr = name.partition(":")
-        cls = getattr(importlib.import_module(mod), attr)
+        cls = load_object(name)
         if not (isinstance(cls, type) and issubclass(cls, Strategy)):
             raise TypeError(f"{name!r} is not a Strategy subclass")
         return cls

@@ -16,10 +16,10 @@ collective backend (NCCL broadcast from a trainer, CUDA IPC on one node) would p
 from __future__ import annotations
 
 import asyncio
-from importlib import import_module
 from typing import ClassVar, Protocol
 
 from moco_ray.engines.base import Engine
+from moco_ray.plugins import load_object
 from moco_ray.pool.swap.hotswap import WeightVersion, validate
 
 
@@ -66,8 +66,7 @@ def weight_sync_class(name: str) -> type:
     """The backend registered as `name`, or the class 'package.module:Class' names (imported
     here, so every replica finds it without a registration of its own)."""
     if ":" in name and name not in _BACKENDS:
-        mod, _, attr = name.partition(":")
-        return getattr(import_module(mod), attr)
+        return load_object(name)
     try:
         return _BACKENDS[name]
     except KeyError:
