@@ -109,7 +109,7 @@ class LogitGroupServer:
                            await self._registry.group_version.remote(self.name, after))
                 module = self._models[model]
                 await swap.apply(self._gate,
-                                 lambda p: asyncio.to_thread(_load_in_place, module, p),
+                                 lambda t: asyncio.to_thread(_load_in_place, module, t.path),
                                  target, lambda t: self._commit(model, t, version))
         return self.versions[model]
 

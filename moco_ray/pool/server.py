@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from typing import Protocol, runtime_checkable
 
 from ray import serve
@@ -146,7 +147,7 @@ class ModelServer(OpenAIRoutes):
             raise ValueError(f"version of {model!r} sent to the server of {self.name!r}")
         async with self._swap_lock:
             if target.version != self.version:
-                await swap.apply(self._gate, lambda _: self.sync.load(self.engine, target), target,
+                await swap.apply(self._gate, partial(self.sync.load, self.engine), target,
                                  self._commit)
         return self.version
 

@@ -173,12 +173,13 @@ class WeightGate:
             self._open.set()
 
 
-async def apply(gate: WeightGate, load: Callable[[str], Awaitable[object]],
+async def apply(gate: WeightGate, load: Callable[[WeightVersion], Awaitable[object]],
                 target: WeightVersion, commit: Callable[[WeightVersion], None]) -> None:
-    """Serve `target`: pause, load (the engine resets its prefix cache: its KV came from the old
-    weights), `commit` the new version while still paused, so every later answer carries it."""
+    """Serve `target`: pause, `load(target)` (a weight-sync backend's load; the engine resets its
+    prefix cache: its KV came from the old weights), `commit` the new version while still
+    paused, so every later answer carries it."""
     async with gate.paused():
-        await load(target.path)
+        await load(target)
         commit(target)
 
 
