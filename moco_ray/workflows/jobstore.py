@@ -27,6 +27,7 @@ class JobStore:
     def __init__(self, out_dir: Path, cfg: RunConfig):
         self.dir = Path(out_dir) / "jobs"
         self.cfg = cfg
+        self._parts: dict[str, int] = {}  # job -> number of its next partial file
 
     def fingerprint(self, spec: JobSpec, task_name: str) -> str:
         task = next(t for t in self.cfg.tasks if t.name == task_name)
@@ -55,15 +56,15 @@ class JobStore:
         if not records:
             return
         d = self._partial_dir(job_id)
-        d.mkdir(parents=True, exist_ok=True)
-        n = sum(1 for _ in d.glob(f"{fingerprint}-*.parquet"))
-        part = d / f"{fingerprint}-{n:06d}.parquet"
-        tmp = part.with_suffix(".tmp")
-        pq.write_table(records_to_table(records), tmp)
-        tmp.replace(part)
+        if job_id not in self._parts:  # parts an earlier run left are numbered before ours
+            d.mkdir(parents=True, exist_ok=True)
+            self._parts[job_id] = sum(1 for _ in d.glob(f"{fingerprint}-*.parquet"))
+        _write(records, d / f"{fingerprint}-{self._parts[job_id]:06d}.parquet")
+        self._parts[job_id] += 1
 
     def discard_partial(self, job_id: str) -> None:
         shutil.rmtree(self._partial_dir(job_id), ignore_errors=True)
+        self._parts.pop(job_id, None)
 
     def partial(self, job_id: str, fingerprint: str) -> list[Record]:
         """Records an unfinished run of `job_id` with this fingerprint kept (one per example:
@@ -80,11 +81,16 @@ class JobStore:
         job's partial records go once it is saved whole."""
         self.dir.mkdir(parents=True, exist_ok=True)
         data, meta = self._paths(status.job)
-        tmp = data.with_suffix(".parquet.tmp")
-        pq.write_table(records_to_table(records), tmp)
-        tmp.replace(data)
+        _write(records, data)
         tmp = meta.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"fingerprint": fingerprint,
                                    "status": status.model_dump(mode="json")}, indent=1))
         tmp.replace(meta)
-        shutil.rmtree(self._partial_dir(status.job), ignore_errors=True)
+        self.discard_partial(status.job)
+
+
+def _write(records: list[Record], path: Path) -> None:
+    """Records as Parquet at `path`, atomically (a temp file, then a rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(records_to_table(records), tmp)
+    tmp.replace(path)
