@@ -16,7 +16,9 @@ and disjoint mean act) and uniform weights; the papers used sparser settings (DA
 0.9, i.e. density 0.1; TIES top-20%, i.e. trim_density 0.2). `base` names the shared base model:
 a pool member, a 'zoo:' model or a model dir; None takes the job's first model (its delta is
 zero, so it adds nothing but the starting point, as in mergekit when the base is also listed).
-DARE's random masks are seeded by the job seed, so a merge is reproducible.
+DARE's random masks are seeded per tensor by the job seed and the tensor's name
+(`_merge.tensor_seed`), so a merge is reproducible and does not depend on the order tensors are
+streamed in. Each merge is one streaming pass over the base's and the members' dirs.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from moco_ray.strategies.base import Answer, ExampleContext, Strategy, StrategyC
 from moco_ray.strategies.weight._merge import (
     Candidates,
     answer_with,
-    dare_ties,
+    dare_ties_tensor,
     load_members,
     require_fitted,
     softmax,
@@ -62,12 +64,14 @@ class DareTies(Strategy):
         base_ref = p.base if p.base is not None else ctx.models[0]
         members = await load_members(ctx, base=base_ref, who=self.name)
         cands = Candidates(ctx, dev, p, self.name, members)
-        states, n = members.ordered(), len(members.names)
+        inputs, n = [members.base, *members.ordered()], len(members.names)
 
         async def merge_and_score(weights: list[float], label: str) -> tuple[str, float]:
-            state = dare_ties(members.base, states, weights, p.density, p.trim_density,
-                              seed=ctx.seed)
-            return await cands.score_state(state, label)
+            def fn(name, ts):
+                return dare_ties_tensor(name, ts[0], ts[1:], weights, p.density, p.trim_density,
+                                        seed=ctx.seed)
+
+            return await cands.score_merge(inputs, fn, label)
 
         if p.mode == "average":
             weights = [1.0 / n] * n

@@ -13,7 +13,8 @@ the paper tunes alpha per model; the reference's default is 'fixed' with alpha 0
 extrapolation is scored through the scratch and the best answers (the smallest alpha on ties).
 Extrapolation is always applied, as in the reference (no alpha = 0 unless listed): add 0.0 to
 `alpha_candidates` to let theta_1 itself compete on dev. Departure: the reference's 'pairs' mode
-picks among several SFT/DPO pairs; here one pair.
+picks among several SFT/DPO pairs; here one pair. Each extrapolation is one streaming pass over
+the endpoint members' dirs: per tensor, theta_0 and theta_1 are averaged, then extrapolated.
 """
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ from moco_ray.strategies.weight._merge import (
     Candidates,
     WeightFields,
     answer_with,
-    extrapolate,
+    combine,
+    extrapolate_tensor,
     load_members,
     require_fitted,
-    uniform_soup,
 )
 from moco_ray.tasks.base import DevSplit, Example
 
@@ -98,13 +99,16 @@ class ExPO(Strategy):
             for m in members.names:
                 member_scores[m] = await cands.score_dir(members.dirs[m], m)
             source, target = endpoints(member_scores, p.mode, p.k)
-        theta0 = uniform_soup(members.ordered(source))
-        theta1 = uniform_soup(members.ordered(target))
+        inputs, k0, k1 = members.ordered(source + target), len(source), len(target)
         paths: dict[float, str] = {}
 
         async def evaluate(alpha: float) -> float:
-            paths[alpha], score = await cands.score_state(extrapolate(theta1, theta0, alpha),
-                                                          f"alpha{alpha:g}")
+            def fn(name, ts):  # theta_0, theta_1: uniform soups of the source and target models
+                theta0 = combine(ts[:k0], [1.0 / k0] * k0)
+                theta1 = combine(ts[k0:], [1.0 / k1] * k1)
+                return extrapolate_tensor(theta1, theta0, alpha)
+
+            paths[alpha], score = await cands.score_merge(inputs, fn, f"alpha{alpha:g}")
             return score
 
         alphas = p.alpha_candidates if p.alpha_mode == "optimized" else [p.alpha]

@@ -5,8 +5,9 @@ Every member is scored on dev, then the members are visited best first: the soup
 best member alone, and each next member joins if the uniform average of the soup plus it scores
 on dev at least as well as the soup so far (the paper's `>=`: a member that does not hurt stays).
 The final soup answers the test set. All scoring, members included, runs through the scratch
-deployment (each candidate hot-swapped in), so every comparison uses one engine and one set of
-sampling settings; n members cost at most 2n - 1 dev passes.
+deployment (each candidate hot-swapped in) with greedy decoding, so every comparison uses one
+engine and one decoding; n members cost at most 2n - 1 dev passes. Each soup is one streaming
+pass over its ingredients' dirs (`_merge.stream_merge`).
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from moco_ray.strategies.weight._merge import (
     Candidates,
     WeightFields,
     answer_with,
+    linear_fn,
     load_members,
     require_fitted,
-    uniform_soup,
 )
 from moco_ray.tasks.base import DevSplit, Example
 
@@ -65,8 +66,10 @@ class GreedySoup(Strategy):
                 path = members.dirs[ingredients[0]]
                 dirs[tuple(ingredients)] = path
                 return await cands.score_dir(path, ingredients[0])
-            state = uniform_soup(members.ordered(ingredients))
-            path, score = await cands.score_state(state, "soup_" + "+".join(ingredients))
+            n = len(ingredients)
+            path, score = await cands.score_merge(members.ordered(ingredients),
+                                                  linear_fn([1.0 / n] * n),
+                                                  "soup_" + "+".join(ingredients))
             dirs[tuple(ingredients)] = path
             return score
 

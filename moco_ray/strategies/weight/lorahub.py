@@ -4,10 +4,11 @@ w found by gradient-free search on a few dev examples. LoraHub (Huang et al., 20
 
 Modules here are the members' full weight deltas from a shared base (delta_i = theta_i - base),
 not LoRA adapters: the pool serves full weights, and a LoRA module's product B_i A_i is such a
-delta, so the composition is the paper's with the low-rank factors multiplied out (the paper
-sums the A's and B's separately; with one module per coefficient that differs only in the
-cross terms). `base` names the shared base: a pool member, a 'zoo:' model or a model dir; None
-takes the job's first model, which is then the base, not a module.
+delta, so the composition is linear in w: sum_i w_i B_i A_i. The paper and the reference
+instead weight and sum the A's and the B's separately, which composes (sum_i w_i B_i)(sum_j
+w_j A_j): each module's own term scales as w_i^2 (so a negative w_i does not subtract it), plus
+cross terms w_i w_j B_i A_j. `base` names the shared base: a pool member, a 'zoo:' model or a
+model dir; None takes the job's first model, which is then the base, not a module.
 
 The objective is the reference's: (1 - mean dev score) + regular_coef * mean(|w|), minimised
 over w in [-bound, bound]^n from w = 0 (the base) within `max_inference_step` evaluations
@@ -15,7 +16,8 @@ over w in [-bound, bound]^n from w = 0 (the base) within `max_inference_step` ev
 examples). The reference uses nevergrad's NGOpt (and the paper its CMA-ES); nevergrad is not a
 dependency here, so the search is a small CMA-ES (`CMAES`, Hansen's standard update, samples
 clipped to the bounds). Budget: reference 20 (the paper 40); here 10 by default on CPUs. The
-best evaluated w answers the test set.
+best evaluated w answers the test set. Each composition is one streaming pass over the base's
+and the modules' dirs (the modules are whole models here, so none is held in memory).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from moco_ray.strategies.weight._merge import (
     Candidates,
     WeightFields,
     answer_with,
-    linear,
+    linear_fn,
     load_members,
     require_fitted,
 )
@@ -156,14 +158,14 @@ class LoraHub(Strategy):
             raise ValueError(f"weight_lorahub composes the job's models other than the base "
                              f"{base_ref!r}, and there are none; add models or set params.base")
         cands = Candidates(ctx, dev, p, self.name, members)
-        states = [members.base] + members.ordered(modules)
+        inputs = [members.base, *members.ordered(modules)]
         paths: dict[tuple[float, ...], str] = {}
 
         async def evaluate(w: list[float]) -> float:
             # base + sum w_i (theta_i - base) = (1 - sum w) base + sum w_i theta_i
-            state = linear(states, [1.0 - sum(w)] + w)
             label = "w_" + "_".join(f"{v:+.3f}" for v in w)
-            paths[tuple(w)], score = await cands.score_state(state, label)
+            paths[tuple(w)], score = await cands.score_merge(
+                inputs, linear_fn([1.0 - sum(w), *w]), label)
             return score
 
         result = await lorahub_search(len(modules), evaluate, p.max_inference_step,

@@ -104,17 +104,18 @@ def _model_dir(path: Path, tensors: dict, manifest: bool = False) -> Path:
     return path
 
 
-def test_write_candidate_copies_config_and_tokenizer_and_keeps_dtypes(tmp_path):
+def test_a_candidate_copies_config_and_tokenizer_and_keeps_dtypes(tmp_path):
     src = _model_dir(tmp_path / "m", {"w": torch.ones(3, dtype=torch.bfloat16)}, manifest=True)
-    state, dtypes = M.load_state(src)
-    assert state["w"].dtype == torch.float32 and dtypes["w"] == torch.bfloat16
-    out = M.write_candidate({"w": state["w"] * 2.5}, src, tmp_path / "cand", dtypes)
-    files = sorted(p.name for p in Path(out).iterdir())
+    w = M.WeightsDir(src)
+    assert w.dtypes == {"w": torch.bfloat16} and w.shapes == {"w": (3,)}
+    out = M.Output(tmp_path / "cand", w.dtypes, src)
+    [path] = M.stream_merge([w], lambda name, ts: ts[0] * 2.5, [out])
+    files = sorted(p.name for p in Path(path).iterdir())
     assert files == ["config.json", "model.safetensors", "tokenizer.json"]  # no stale manifest
-    saved = load_file(str(Path(out) / "model.safetensors"))["w"]
+    saved = load_file(str(Path(path) / "model.safetensors"))["w"]
     assert saved.dtype == torch.bfloat16 and saved.float().tolist() == [2.5] * 3
     with pytest.raises(FileExistsError, match="fresh dir"):
-        M.write_candidate({"w": state["w"]}, src, tmp_path / "cand", dtypes)
+        M.stream_merge([w], lambda name, ts: ts[0], [out])
 
 
 def test_architecture_mismatch_names_the_tensors():
@@ -261,6 +262,7 @@ class WeightPool:
         self.best = torch.tensor(best)
         self.n = n
         self.served: list[str] = []
+        self.params: list = []  # the SamplingParams of every scratch call
 
     async def weights_path(self, model):
         return self.dirs[model]
@@ -271,7 +273,8 @@ class WeightPool:
     async def generate_with(self, scratch, weights, prompts, params):
         assert scratch == "scratch"
         self.served.append(weights)
-        w = load_file(str(Path(weights) / "model.safetensors"))["w"].float()
+        self.params.append(params)
+        w = M.WeightsDir(weights).read("w").float()
         out = []
         for p in prompts:
             k = int(p[0]["content"].split()[-1])
@@ -312,7 +315,7 @@ def weight_job(tmp_path):
 
 
 def _fit_and_solve(name, params, ctx):
-    strat = get_strategy(name)(dict(params, temperature=0.0))
+    strat = get_strategy(name)({"temperature": 0.0, **params})
 
     async def go():
         await strat.fit_checked(ctx, ctx.task.dev)
@@ -322,7 +325,7 @@ def _fit_and_solve(name, params, ctx):
 
 
 def _served_w(path) -> list[float]:
-    return load_file(str(Path(path) / "model.safetensors"))["w"].tolist()
+    return M.WeightsDir(path).read("w").tolist()
 
 
 def test_greedy_soup_strategy_averages_the_members_that_help(weight_job):
@@ -393,6 +396,32 @@ def test_lorahub_strategy_finds_coefficients_of_the_member_deltas(weight_job):
     assert c["m1"] == pytest.approx(0.8, abs=0.15) and c["m2"] == pytest.approx(-0.4, abs=0.15)
     assert strat.fitted["dev_score"] >= 0.85
     assert len(strat.fitted["candidates"]) == 60
+
+
+SMALL = {"weight_greedy_soup": {}, "weight_expo": {"alpha_candidates": [0.1]},
+         "weight_dare_ties": {"base": "m0"}, "weight_model_swarms": {"max_iterations": 2},
+         "weight_lorahub": {"max_inference_step": 2, "lorahub_dev_samples": 4}}
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_candidates_are_scored_greedily_whatever_the_job_temperature(weight_job, name):
+    ctx, pool = weight_job([[0.1], [0.9], [3.0]], best=[0.5], n=4)
+    _, recs = _fit_and_solve(name, {"temperature": 0.7, **SMALL[name]}, ctx)
+    fit = pool.params[:len(pool.params) - len(recs)]  # every dev pass scoring a candidate
+    answer = pool.params[len(fit):]
+    assert fit and all(p.temperature == 0.0 and p.seed is None for p in fit)
+    # test answers keep the job's sampling, seeded per example
+    assert len(answer) == 4 and all(p.temperature == 0.7 and p.seed is not None
+                                    for p in answer)
+    assert all(t.step == "answer" for r in recs for t in r.trace)
+
+
+def test_scoring_params_are_greedy_with_the_job_max_tokens():
+    task = _task(2)
+    params = get_strategy("weight_expo").Params(temperature=1.2, top_p=0.5)
+    sp = M.scoring_params(params, task)
+    assert (sp.temperature, sp.seed, sp.max_tokens) == (0.0, None, task.max_tokens)
+    assert M.scoring_params(params.model_copy(update={"max_tokens": 9}), task).max_tokens == 9
 
 
 def test_weight_strategies_need_a_scratch_and_one_architecture(weight_job, tmp_path):

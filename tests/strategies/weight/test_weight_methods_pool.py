@@ -2,7 +2,8 @@
 at `reverse`; spec-max) and a scratch deployment; each method runs through the coordinator's
 `run_job` on the synthetic `reverse` task, merging the members' safetensors into candidate dirs,
 scoring every candidate on dev by hot-swapping it into the scratch (its version grows, the engine
-never restarts), and answering test through the scratch with the weights it chose."""
+never restarts), and answering test through the scratch with the weights it chose. Candidates
+are written in small shards here (`SHARD_BYTES` lowered), so the scratch reloads sharded dirs."""
 from __future__ import annotations
 
 import asyncio
@@ -14,6 +15,7 @@ from ports import free_port as _free_port
 from moco_ray.config import ModelSpec, PoolConfig, TaskSpec
 from moco_ray.coordinator import JobRequest, run_job
 from moco_ray.records import SamplingParams
+from moco_ray.strategies.weight import _merge
 from moco_ray.tasks.loaders import load_task
 
 MODELS = ["reverser", "maxer"]
@@ -61,6 +63,7 @@ def _scratch_version(pool) -> int:
 @pytest.mark.parametrize("strategy", list(PARAMS))
 def test_weight_method_on_a_real_pool(strategy, wpool, task, tmp_path, monkeypatch):
     monkeypatch.setenv("MOCO_RAY_WORKDIR", str(tmp_path))
+    monkeypatch.setattr(_merge, "SHARD_BYTES", 256 << 10)  # the ~1 MB members: 4+ shards
     client = wpool.client()
     before = _scratch_version(wpool)
     req = JobRequest(job=f"w-{strategy}", strategy=strategy,
@@ -80,9 +83,12 @@ def test_weight_method_on_a_real_pool(strategy, wpool, task, tmp_path, monkeypat
     assert after > before  # candidates were swapped into the running scratch
     assert Path(weights, "config.json").is_file()
     assert list(Path(weights).glob("*.safetensors"))
-    # Only the chosen candidate is left of what the job wrote.
-    written = [p for p in tmp_path.rglob("model.safetensors")]
-    assert len(written) <= 1
+    # Only the chosen candidate is left of what the job wrote (no swarm state either).
+    written = {p.parent for p in tmp_path.rglob("*.safetensors")}
+    assert written <= {Path(weights)}
+    if written:  # a merged candidate, sharded
+        index = Path(weights, _merge.INDEX_FILE)
+        assert index.is_file() and len(list(Path(weights).glob("model-*-of-*.safetensors"))) > 3
 
     meta = recs[0].meta
     if strategy == "weight_greedy_soup":
