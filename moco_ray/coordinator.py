@@ -112,11 +112,12 @@ class Coordinator:
     """Async actor: `submit` jobs, `poll` their records as they finish, read `status` and cost."""
 
     def __init__(self, pool: PoolClient, max_trainings: int | None = None,
-                 warm_trainers: bool = False):
+                 warm_trainers: bool = False, on_gpu: bool = False):
         self.pool = pool
         self.jobs: dict[str, _Job] = {}
         # One trainer for all of this actor's jobs: the cap on trainings at once holds across them.
-        self.trainer = TrainerService(max_trainings, warm=warm_trainers)
+        # on_gpu: the pool is on GPUs (PoolConfig.on_gpus), so trainings default to GPUs.
+        self.trainer = TrainerService(max_trainings, warm=warm_trainers, on_gpu=on_gpu)
 
     async def submit(self, req: JobRequest) -> str:
         if req.job in self.jobs:

@@ -37,7 +37,7 @@ def test_bad_config_fails_fast_naming_keys(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(raw))
     t0 = time.monotonic()
-    res = _run(["run", str(bad), "--output-dir", str(tmp_path / "runs")])
+    res = _run(["run", str(bad), "--storage", str(tmp_path / "runs")])
     assert res.returncode == 2
     out = res.stdout + res.stderr
     for key in ("jobs.7.strategy", "jobs.8.params.order", "pool.models.0.path", "tasks.3.name"):
@@ -48,7 +48,7 @@ def test_bad_config_fails_fast_naming_keys(tmp_path):
 
 
 def test_run_tiny_pool_all_first_strategies(tmp_path, _zoo_cache):
-    res = _run(["run", str(ROOT / "configs/sweeps/tiny_sweep.yaml"), "--output-dir",
+    res = _run(["run", str(ROOT / "configs/sweeps/tiny_sweep.yaml"), "--storage",
                 str(tmp_path / "runs")], {"MOCO_RAY_CACHE": _zoo_cache})
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     recs = _records(tmp_path / "runs" / "tiny-sweep")
@@ -72,7 +72,7 @@ def test_run_tiny_pool_all_first_strategies(tmp_path, _zoo_cache):
 @pytest.mark.slow
 @pytest.mark.skipif(not default_data_dir().is_dir(), reason="../shared/data/moco is absent")
 def test_run_smollm2_on_moco_tasks_vllm(tmp_path, _zoo_cache):
-    res = _run(["run", str(ROOT / "configs/sweeps/smollm2_moco.yaml"), "--output-dir",
+    res = _run(["run", str(ROOT / "configs/sweeps/smollm2_moco.yaml"), "--storage",
                 str(tmp_path / "runs")], {"MOCO_RAY_CACHE": _zoo_cache}, timeout=1500)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     recs = _records(tmp_path / "runs" / "smollm2-moco")
@@ -93,7 +93,7 @@ def test_run_every_method_on_tiny_pool_and_resume(tmp_path, _zoo_cache):
 
     cfg = ROOT / "configs/sweeps/tiny_all_methods.yaml"
     out = tmp_path / "runs"
-    res = _run(["run", str(cfg), "--output-dir", str(out)], {"MOCO_RAY_CACHE": _zoo_cache},
+    res = _run(["run", str(cfg), "--storage", str(out)], {"MOCO_RAY_CACHE": _zoo_cache},
                timeout=3000)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     recs = _records(out / "tiny-all-methods")
@@ -107,7 +107,7 @@ def test_run_every_method_on_tiny_pool_and_resume(tmp_path, _zoo_cache):
 
         shutil.rmtree(p)
     t0 = time.monotonic()
-    again = _run(["run", str(cfg), "--output-dir", str(out)], {"MOCO_RAY_CACHE": _zoo_cache})
+    again = _run(["run", str(cfg), "--storage", str(out)], {"MOCO_RAY_CACHE": _zoo_cache})
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert "62 of 62 jobs already finished" in again.stdout
     assert time.monotonic() - t0 < 120

@@ -181,7 +181,7 @@ def test_run_config_saves_each_job_and_resumes_only_unfinished(ray_session, tmp_
     from moco_ray.workflows.sweep import run_config
 
     cfg = RunConfig(
-        run_name="resume", output_dir=str(tmp_path), pool=PoolConfig(models=[
+        run_name="resume", storage=str(tmp_path), pool=PoolConfig(models=[
             ModelSpec(name="m0", path="unused"), ModelSpec(name="m1", path="unused")]),
         tasks=[TaskSpec(name="reverse", source="synthetic", dev_limit=3, test_limit=4)],
         jobs=[JobSpec(strategy="test_ask_all", name="a"),
@@ -291,7 +291,7 @@ def test_a_job_cut_off_mid_way_reruns_only_its_unfinished_examples(ray_session, 
     flag, log = tmp_path / "flag", tmp_path / "solved.log"
     flag.touch()
     cfg = RunConfig(
-        run_name="cut", output_dir=str(tmp_path), concurrency=1,
+        run_name="cut", storage=str(tmp_path), concurrency=1,
         pool=PoolConfig(models=[ModelSpec(name="m0", path="unused")]),
         tasks=[TaskSpec(name="reverse", source="synthetic", dev_limit=2, test_limit=6)],
         jobs=[JobSpec(strategy="test_fail_on_flag",
@@ -316,3 +316,43 @@ def test_a_job_cut_off_mid_way_reruns_only_its_unfinished_examples(ray_session, 
     assert not list((tmp_path / "cut" / "jobs").glob("*.partial"))
     log.write_text("")
     assert len(run().records) == 6 and log.read_text() == ""
+
+
+def test_coordinator_killed_mid_sweep_restarts_and_resumes_its_jobs(ray_session, tmp_path):
+    """A real kill of the coordinator actor mid-sweep: Ray restarts it, the driver resubmits
+    the jobs in flight less the examples already recorded; the records match a clean run's."""
+    import threading
+
+    import ray
+
+    from moco_ray.config import JobSpec, ModelSpec, PoolConfig, RunConfig, TaskSpec
+    from moco_ray.workflows.sweep import coordinator_name, run_config
+
+    cfg = RunConfig(
+        run_name="killcoord", storage=str(tmp_path), concurrency=1,
+        pool=PoolConfig(models=[ModelSpec(name="m0", path="unused"),
+                                ModelSpec(name="m1", path="unused")]),
+        tasks=[TaskSpec(name="reverse", source="synthetic", dev_limit=2, test_limit=10),
+               TaskSpec(name="max", source="synthetic", dev_limit=2, test_limit=10)],
+        jobs=[JobSpec(strategy="test_ask_all")])
+    killed: list[int] = []
+
+    def on_progress(st, _new):
+        # Once some examples are in (and not all): kill the actor, letting Ray restart it.
+        if not killed and 3 <= st.done < st.total:
+            killed.append(st.done)
+            actor = ray.get_actor(coordinator_name("killcoord"))
+            threading.Thread(target=ray.kill, args=(actor,), kwargs={"no_restart": False},
+                             daemon=True).start()
+
+    got = run_config(cfg, pool=_PoolHandle(ScriptedPool(["m0", "m1"], delay=0.1)),
+                     on_progress=on_progress)
+    assert killed, "the sweep ended before the kill"
+    ids = [(r.task, r.example_id) for r in got.records]
+    assert len(ids) == 20 and len(set(ids)) == 20  # nothing lost, nothing recorded twice
+    assert all(j.state == "done" for j in got.jobs)
+    clean = run_config(cfg.model_copy(update={"run_name": "clean"}),
+                       pool=_PoolHandle(ScriptedPool(["m0", "m1"])))
+    assert sorted(ids) == sorted((r.task, r.example_id) for r in clean.records)
+    assert sorted((r.task, r.example_id, r.output) for r in got.records) == \
+        sorted((r.task, r.example_id, r.output) for r in clean.records)

@@ -1,7 +1,9 @@
 """What every config schema shares: the frozen base model and the one error type."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 class ConfigError(ValueError):
@@ -21,3 +23,16 @@ class Frozen(BaseModel):
 def fmt_loc(loc: tuple) -> str:
     """A pydantic error location as the dotted key a user writes in YAML."""
     return ".".join(str(p) for p in loc)
+
+
+def _custom_only(resources: dict[str, float]) -> dict[str, float]:
+    if {"CPU", "GPU"} & set(resources):
+        raise ValueError("CPU and GPU have their own fields (num_cpus / num_gpus, "
+                         "cpus_per_worker / use_gpu); resources names custom Ray resources only")
+    return resources
+
+
+# Custom Ray resources (the names nodes were started with, e.g. `ray start --resources
+# '{"node_a": 1}'`) a replica or worker reserves; Ray places it only on a node that has them.
+CustomResources = Annotated[dict[str, Annotated[float, Field(ge=0)]],
+                            AfterValidator(_custom_only)]

@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moco_ray.config.base import CustomResources
+
 # Above this many rows per model, `ingest: auto` streams the data through Ray Data.
 DRIVER_INGEST_MAX_ROWS = 20_000
 
@@ -55,14 +57,29 @@ class DistillConfig(BaseModel):
         "read starts worker processes (~10 s on 2 cores), more than a small model's training")
     num_workers: int = Field(1, description="Ray Train workers (data-parallel ranks) per model")
     cpus_per_worker: float = Field(1.0, description="CPUs Ray reserves for each worker")
-    use_gpu: bool = Field(False, description="one GPU per worker and NCCL; else CPU and gloo")
-    bf16: bool = Field(False, description="train in bfloat16 with fp32 master weights (GPU)")
+    resources_per_worker: CustomResources = Field(
+        default_factory=dict, description="custom Ray resources each worker reserves beside "
+        "its CPUs (and GPU), e.g. {trainer_node: 1} to place the trainers on the nodes that "
+        "have it")
+    use_gpu: bool = Field(False, description="one GPU per worker and NCCL; else CPU and gloo. "
+                          "Unset beside a pool on GPUs: true (see on_gpu_pool)")
+    bf16: bool = Field(False, description="train in bfloat16 with fp32 master weights (GPU). "
+                       "Unset beside a pool on GPUs: true")
     output: Literal["merged", "adapter"] = Field(
         "merged", description="'merged': LoRA folded into full weights (a plain model dir); "
         "'adapter': the peft adapter dir (method='lora' only)")
     storage_path: str | None = Field(
         None, description="Ray Train storage for the run (shared storage on multi-node "
         "clusters); None = a temp dir on the driver, removed after the checkpoint is copied out")
+    max_failures: int = Field(
+        1, description="Ray Train restarts of a run whose worker group failed (a worker or its "
+        "node died; Ray Train's FailureConfig). A restart continues from the last resume "
+        "checkpoint (checkpoint_every), else from the model's first step; models the run had "
+        "finished are not trained again. A failure in the training code itself also counts")
+    checkpoint_every: int | None = Field(
+        None, description="optimizer steps between resume checkpoints (DeepSpeed engine and "
+        "optimizer state plus each rank's RNG state, through Ray Train's storage); None: none, "
+        "a restarted run trains the model from its first step")
 
     def ingest_on_driver(self, n_rows: int) -> bool:
         """Whether `n_rows` SFT rows per model are read and tokenized on the driver."""
@@ -98,6 +115,9 @@ class DistillConfig(BaseModel):
         need(self.kd_temperature > 0,
              f"kd_temperature={self.kd_temperature} must be > 0; fix: use 1.0")
         need(self.report_every >= 1, f"report_every={self.report_every} must be >= 1")
+        need(self.max_failures >= 0, f"max_failures={self.max_failures} must be >= 0")
+        need(self.checkpoint_every is None or self.checkpoint_every >= 1,
+             f"checkpoint_every={self.checkpoint_every} must be >= 1; fix: e.g. 50, or None")
         need(self.num_workers >= 1, f"num_workers={self.num_workers} must be >= 1")
         need(self.cpus_per_worker > 0,
              f"cpus_per_worker={self.cpus_per_worker} must be > 0; fix: use 1")
@@ -165,5 +185,15 @@ DEFAULT_ADAPTER = DistillConfig(method="lora", output="adapter", lora_r=8, lora_
 
 
 def adapter_config(**overrides) -> DistillConfig:
-    """DEFAULT_ADAPTER with some fields changed (validated)."""
-    return DistillConfig.model_validate({**DEFAULT_ADAPTER.model_dump(), **overrides})
+    """DEFAULT_ADAPTER with some fields changed (validated). Fields neither sets stay unset,
+    so `on_gpu_pool` can still choose them."""
+    return DistillConfig.model_validate({**DEFAULT_ADAPTER.model_dump(exclude_unset=True),
+                                         **overrides})
+
+
+def on_gpu_pool(cfg: DistillConfig) -> DistillConfig:
+    """`cfg` for training beside a pool on GPUs (`PoolConfig.on_gpus`: a pool model has
+    num_gpus > 0): use_gpu (one GPU per worker; Ray Train then runs NCCL) and bf16, each unless
+    `cfg` set it itself."""
+    update = {k: True for k in ("use_gpu", "bf16") if k not in cfg.model_fields_set}
+    return cfg.model_copy(update=update) if update else cfg

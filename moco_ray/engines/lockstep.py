@@ -142,10 +142,15 @@ def route(params: dict) -> CombineFn:
 
 
 class LockstepDecoder:
-    """Decode with several models in lockstep. The models must share `tokenizer`'s vocabulary."""
+    """Decode with several models in lockstep. The models must share `tokenizer`'s vocabulary.
+
+    The models may sit on different devices (a logit group puts one member per GPU, or spreads
+    one over several with device_map='auto'): each step's input goes to each model's device,
+    and every model's log-probs are gathered on `device` (default: the first model's), where
+    they are combined and sampled."""
 
     def __init__(self, models: Sequence[PreTrainedModel], tokenizer: PreTrainedTokenizerBase,
-                 add_special_tokens: bool = True):
+                 add_special_tokens: bool = True, device: str | torch.device | None = None):
         if not models:
             raise ValueError("LockstepDecoder needs at least one model")
         sizes = [m.get_output_embeddings().weight.shape[0] for m in models]
@@ -158,7 +163,7 @@ class LockstepDecoder:
         self.models = [m.eval() for m in models]
         self.tokenizer = tokenizer
         self.add_special_tokens = add_special_tokens
-        self.device = self.models[0].device
+        self.device = torch.device(device) if device is not None else self.models[0].device
         self.max_len = min(getattr(m.config, "max_position_embeddings", 1 << 30) for m in models)
         eos: set[int] = set()
         for ids in [tokenizer.eos_token_id] + [m.generation_config.eos_token_id for m in models]:

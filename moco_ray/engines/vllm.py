@@ -52,9 +52,14 @@ class VLLMEngine:
 
         s = self.spec
         kwargs = {"model": s.model, "dtype": s.dtype, "max_model_len": s.max_model_len,
-                  "seed": s.seed, "enable_lora": s.enable_lora, "disable_log_stats": True}
+                  "seed": s.seed, "enable_lora": s.enable_lora, "disable_log_stats": True,
+                  "tensor_parallel_size": s.tensor_parallel_size,
+                  "pipeline_parallel_size": s.pipeline_parallel_size}
+        if s.distributed_executor_backend is not None:
+            kwargs["distributed_executor_backend"] = s.distributed_executor_backend
         if s.enable_lora:
             kwargs["max_lora_rank"] = s.max_lora_rank
+            kwargs["max_loras"] = s.max_loras
         if _on_gpu():
             kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
         else:
@@ -93,7 +98,22 @@ class VLLMEngine:
             args = self.engine_args()
             # Built in a thread so the loop stays free (Serve health checks) during the start;
             # AsyncLLM starts its output handler on this loop with the first request.
-            self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+            self._engine = await asyncio.to_thread(self._build, AsyncLLM, args)
+
+    @staticmethod
+    def _build(engine_cls, args):
+        """The AsyncLLM. With Ray workers (tensor/pipeline parallel on GPUs) they start in the
+        placement group this replica runs in, as Ray Serve LLM does: vLLM's engine core runs in
+        a process of its own, where Ray's "current placement group" is not set, so it is
+        handed over in the config."""
+        if args.distributed_executor_backend != "ray":
+            return engine_cls.from_engine_args(args)
+        from ray.util import get_current_placement_group
+
+        config = args.create_engine_config()
+        config.parallel_config.placement_group = get_current_placement_group()
+        return engine_cls.from_vllm_config(config, enable_log_requests=args.enable_log_requests,
+                                           disable_log_stats=args.disable_log_stats)
 
     async def check_health(self) -> None:
         """Raises when the engine core died (the pool's HealthProbe hook); fine before start."""

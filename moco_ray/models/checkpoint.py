@@ -46,6 +46,9 @@ class CheckpointInfo(BaseModel):
                                  "loading the model and DeepSpeed init)")
     train_started: float = Field(description="epoch time the first step began (rank 0)")
     train_finished: float = Field(description="epoch time the last step ended (rank 0)")
+    resumed_from: int | None = Field(
+        None, description="after a restart of its Ray Train run (a worker died): the steps its "
+        "resume checkpoint had done; None: trained without a break")
 
 
 def sha256_file(path: Path) -> str:

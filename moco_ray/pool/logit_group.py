@@ -13,7 +13,9 @@ import time
 
 from ray import serve
 
+from moco_ray.models import sizing
 from moco_ray.models.tokenizer import render_prompt
+from moco_ray.pool import placement
 from moco_ray.pool.swap import hotswap as swap
 from moco_ray.pool.swap.hotswap import WeightGate, WeightVersion
 from moco_ray.records import Generation, Prompt, SamplingParams, TokenLogprobs
@@ -67,16 +69,29 @@ class LogitGroupServer:
         if differ:
             raise ValueError(f"logit group {name!r}: {differ} use a different tokenizer than "
                              f"{first!r}; a group needs models with one shared vocabulary")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        models = [AutoModelForCausalLM.from_pretrained(p, dtype=getattr(torch, dtype)).to(device)
-                  for p in self.weights.values()]
+        # One member per GPU where the replica holds enough (see placement.member_devices);
+        # 'auto' members (too big for one GPU) load last, into what the others leave.
+        paths_now = list(self.weights.values())
+        devices = _member_devices(paths_now, dtype)
+        loaded = {}
+        for i in sorted(range(len(devices)), key=lambda i: devices[i] == "auto"):
+            if devices[i] == "auto":
+                loaded[i] = AutoModelForCausalLM.from_pretrained(
+                    paths_now[i], dtype=getattr(torch, dtype), device_map="auto")
+            else:
+                loaded[i] = AutoModelForCausalLM.from_pretrained(
+                    paths_now[i], dtype=getattr(torch, dtype)).to(devices[i])
+        models = [loaded[i] for i in range(len(devices))]
+        self.devices = dict(zip(self.members, devices))
         self._models = dict(zip(self.members, models))
         self._gate = WeightGate()
         self._swap_lock = asyncio.Lock()
         # Chat prompts are rendered by the template, which writes its own special tokens;
         # raw text gets them from the tokenizer (as vLLM and the HF engine do).
-        self._decoders = {True: LockstepDecoder(models, self.tokenizer, add_special_tokens=True),
-                          False: LockstepDecoder(models, self.tokenizer, add_special_tokens=False)}
+        # Log-probs of every member are gathered (and combined) on the first GPU, or the CPU.
+        gather = "cuda:0" if devices[0] != "cpu" else "cpu"
+        self._decoders = {raw: LockstepDecoder(models, self.tokenizer, add_special_tokens=raw,
+                                               device=gather) for raw in (True, False)}
         # One decode at a time (the decoder keeps its KV caches on itself, and the models are
         # shared between both decoders), in a thread so health checks still answer; concurrent
         # requests with equal settings are batched into that one decode.
@@ -94,7 +109,8 @@ class LogitGroupServer:
     def info(self) -> dict:
         return {"name": self.name, "models": self.members, "paths": self.paths,
                 "version": self.version, "versions": dict(self.versions),
-                "weights": dict(self.weights), "largest_batch": self.largest_batch}
+                "weights": dict(self.weights), "largest_batch": self.largest_batch,
+                "devices": dict(self.devices)}
 
     async def apply_version(self, model: str, target: WeightVersion) -> int:
         """Load member `model`'s `target` weights in place (swap.py broadcasts this to the group
@@ -191,6 +207,30 @@ class LogitGroupServer:
                           finish_reason=row["finish_reason"], prompt_tokens=row["prompt_tokens"],
                           completion_tokens=row["completion_tokens"], logprobs=lps,
                           model=self.name, version=self.version, engine_seconds=seconds)
+
+
+def _member_devices(paths: list[str], dtype: str) -> list[str]:
+    """Each member's device on the GPUs this replica holds (all 'cpu' without one): what each
+    needs is its weights (parameters from config.json, else its safetensors' size) times
+    placement.HF_MEMORY_FACTOR, against each GPU's free memory now."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ["cpu"] * len(paths)
+    from pathlib import Path
+
+    need = []
+    for p in paths:
+        cfg = sizing.local_config(p) or {}
+        n = sizing.param_count(cfg)
+        if n is not None:
+            size = n * sizing.dtype_bytes(dtype)
+        else:  # a shape the formula does not cover: the checkpoint's bytes, scaled to `dtype`
+            size = (sum(f.stat().st_size for f in Path(p).glob("*.safetensors"))
+                    * sizing.dtype_bytes(dtype) / sizing.dtype_bytes("auto", cfg))
+        need.append(size * placement.HF_MEMORY_FACTOR)
+    free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+    return placement.member_devices(need, free)
 
 
 def _load_in_place(module, path: str) -> None:

@@ -19,6 +19,7 @@ from ray.serve.schema import ApplicationStatus
 
 from moco_ray import models
 from moco_ray.config import ConfigError, PoolConfig
+from moco_ray.pool import placement
 from moco_ray.pool.client import ServeClient
 from moco_ray.pool.logit_group import LogitGroupServer
 from moco_ray.pool.openai_api import OpenAILimits
@@ -105,18 +106,38 @@ class ModelPool:
 
     def _resource_problems(self) -> list[str]:
         # Serve would wait forever for replicas that cannot be placed; say so up front.
+        # Autoscaling models count the replicas they start with; at max_replicas they need
+        # `most`, which only the message mentions (an autoscaling cluster may add nodes).
+        # A replica with parallel vLLM workers takes tensor x pipeline GPUs (its bundles).
         have = ray.cluster_resources()
-        cpus = sum(m.num_cpus * m.replicas for m in self.config.models)
-        cpus += sum(g.num_cpus for g in self.config.logit_groups)
-        gpus = sum(m.num_gpus * m.replicas for m in self.config.models)
-        gpus += sum(g.num_gpus for g in self.config.logit_groups)
+        need: dict[str, float] = {}
+        most: dict[str, float] = {}
+        for per, start, top in (
+                [(placement.replica_resources(m), m.start_replicas, m.max_replicas)
+                 for m in self.config.models]
+                + [({"CPU": g.num_cpus, "GPU": g.num_gpus, **g.resources}, g.replicas,
+                    g.replicas) for g in self.config.logit_groups]):
+            for res, amount in per.items():
+                need[res] = need.get(res, 0.0) + amount * start
+                most[res] = most.get(res, 0.0) + amount * top
         out = []
-        for res, need in (("CPU", cpus), ("GPU", gpus)):
-            if need > have.get(res, 0.0) + 1e-9:
-                out.append(f"pool needs {need:g} {res} (num_{res.lower()}s x replicas, groups "
-                           f"included) but the Ray cluster has {have.get(res, 0.0):g}; lower "
-                           f"num_{res.lower()}s or replicas, or add nodes (on an autoscaling "
-                           "cluster pass start(check_resources=False))")
+        for res in ("CPU", "GPU"):
+            if need.get(res, 0.0) > have.get(res, 0.0) + 1e-9:
+                more = (f" (autoscaling to max_replicas: {most[res]:g})"
+                        if most[res] > need[res] + 1e-9 else "")
+                out.append(f"pool needs {need[res]:g} {res}{more} (num_{res.lower()}s x "
+                           "replicas, tensor x pipeline parallel GPUs per replica, autoscaling "
+                           f"at min_replicas, groups included) but the Ray cluster has "
+                           f"{have.get(res, 0.0):g}; lower num_{res.lower()}s or replicas, or "
+                           "add nodes (on an autoscaling cluster pass "
+                           "start(check_resources=False))")
+        custom = {res: n for res, n in need.items() if res not in ("CPU", "GPU")}
+        for res, n in sorted(custom.items()):
+            if n > have.get(res, 0.0) + 1e-9:
+                out.append(f"pool needs {n:g} of the custom resource {res!r} (resources x "
+                           f"replicas, groups included) but the Ray cluster has "
+                           f"{have.get(res, 0.0):g}; start nodes with it (ray start --resources "
+                           "...), or change the models' resources")
         return out
 
     def start(self, timeout_s: float = 900.0, check_resources: bool = True) -> Self:
@@ -144,9 +165,7 @@ class ModelPool:
             for m in self.models}, state_path=self.state_path)
         targets = []
         for m in self.config.models:
-            dep = ModelServer.options(
-                num_replicas=m.replicas, max_ongoing_requests=m.max_ongoing_requests,
-                ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus})
+            dep = ModelServer.options(**placement.deployment_options(m))
             # A scratch deployment changes weights per request (generate_with), outside the
             # registry: its versions are its own and no record of a member depends on them.
             app = dep.bind(m.name, m.engine_spec(self.paths[m.name], seed=self.seed),
@@ -154,9 +173,7 @@ class ModelPool:
                            weight_sync=m.weight_sync, openai_limits=limits[m.name])
             targets.append(RunTarget(app, name=self.app_name(m.name), route_prefix=f"/{m.name}"))
         for g in self.config.logit_groups:
-            dep = LogitGroupServer.options(
-                ray_actor_options={"num_cpus": g.num_cpus, "num_gpus": g.num_gpus},
-                max_ongoing_requests=g.max_ongoing_requests)
+            dep = LogitGroupServer.options(**placement.group_options(g))
             app = dep.bind(g.name, {n: self.paths[n] for n in g.models}, dtype=g.dtype,
                            seed=self.seed, swap_registry=registry)
             targets.append(RunTarget(app, name=self.app_name(g.name), route_prefix=None))

@@ -89,7 +89,10 @@ class StrategyContext:
             import os
             import tempfile
 
+            # <storage>/<run_name>/scratch under `moco-ray run` / `evolve`, else system temp
             root = os.environ.get("MOCO_RAY_WORKDIR") or None
+            if root:
+                os.makedirs(root, exist_ok=True)
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.job_id)
             self._workdir = tempfile.mkdtemp(prefix=f"moco_{safe}_", dir=root)
         return self._workdir

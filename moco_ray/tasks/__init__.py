@@ -12,6 +12,7 @@ from moco_ray.tasks.loaders import (
                                     build_task,
                                     known_task,
                                     load_task,
+                                    moco_data_dir,
 )
 from moco_ray.tasks.sandbox import SandboxLimits, SandboxResult, run_many, run_python
 from moco_ray.tasks.synthetic import (
@@ -24,6 +25,6 @@ from moco_ray.tasks.synthetic import (
 __all__ = [
     "DEFAULT_MAX_TOKENS", "SYNTHETIC_TASKS", "DevSplit", "Example", "SandboxLimits",
     "SandboxResult", "Task", "TaskOptions", "TestSplit", "build_task", "known_task", "load_task",
-    "make_synthetic", "require_dev", "run_many", "run_python", "synthetic_corpus",
+    "make_synthetic", "moco_data_dir", "require_dev", "run_many", "run_python", "synthetic_corpus",
     "synthetic_pairs",
 ]

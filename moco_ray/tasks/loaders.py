@@ -8,6 +8,7 @@ config validation runs before anything loads.
 from __future__ import annotations
 
 import json
+import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,26 @@ def _options(spec: TaskSpec) -> TaskOptions:
     return opts
 
 
+# MoCo task files inside the current directory: where `ray job submit --working-dir .` ships
+# them (a job runs in its unpacked working dir).
+SHIPPED_DATA = Path("data") / "moco"
+
+
+def moco_data_dir() -> Path:
+    """Where MoCo task files are read: $MOCO_RAY_DATA; else ./data/moco when that folder exists
+    under the current directory (task files shipped with the job); else ../shared/data/moco
+    beside the repo (`default_data_dir`)."""
+    if not os.environ.get("MOCO_RAY_DATA"):
+        shipped = Path.cwd() / SHIPPED_DATA
+        if shipped.is_dir():
+            return shipped
+    return default_data_dir()
+
+
 def _moco_path(spec: TaskSpec, data_dir: Path | None) -> Path:
     if spec.path:
         return Path(spec.path)
-    return Path(data_dir or default_data_dir()) / f"{spec.name}.json"
+    return Path(data_dir or moco_data_dir()) / f"{spec.name}.json"
 
 
 def known_task(spec: TaskSpec, data_dir: Path | None = None) -> str | None:
@@ -94,7 +111,8 @@ def _problem(spec: TaskSpec, data_dir: Path | None) -> tuple[type[Exception], st
             return None
         if not path.parent.is_dir():
             return FileNotFoundError, (f"MoCo data folder {path.parent} does not exist; set "
-                                       "MOCO_RAY_DATA or give the task file as `path`")
+                                       "MOCO_RAY_DATA, put the task files in ./data/moco, or "
+                                       "give the task file as `path`")
         names = sorted(p.stem for p in path.parent.glob("*.json"))
         return FileNotFoundError, f"no MoCo task file {path}; tasks in {path.parent}: {names}"
     if spec.source == "jsonl":

@@ -25,7 +25,14 @@ from moco_ray.models.checkpoint import CheckpointInfo
 from moco_ray.training.checkpoint import save_checkpoint
 from moco_ray.training.data import TokenizeFn, plain, tokenize_rows
 from moco_ray.training.runs import checkpoint_info, job_failed, make_trainer, scratch_storage
-from moco_ray.training.trainer import release_engine, run_training, train_worker
+from moco_ray.training.trainer import (
+    RUN_PROGRESS,
+    read_resume_step,
+    read_run_progress,
+    release_engine,
+    run_training,
+    train_worker,
+)
 from moco_ray.training.warm import WarmTrainers
 
 log = logging.getLogger(__name__)
@@ -122,14 +129,15 @@ class Planned(NamedTuple):
 
 
 def _scaling(cfg: DistillConfig) -> tuple:
-    return cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, cfg.storage_path
+    return (cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, cfg.storage_path,
+            tuple(sorted(cfg.resources_per_worker.items())))
 
 
 def pack(planned: list[Planned], runs: int | None) -> list[list[Planned]]:
     """Split the models into Ray Train runs: None gives every model its own run (all in flight
-    at once); `runs=k` gives at most k runs per scaling setup (workers, CPUs, GPU, storage), the
-    models dealt round-robin, each run training its models one after another. Models with
-    different scaling never share a run (one run has one worker group)."""
+    at once); `runs=k` gives at most k runs per scaling setup (workers, CPUs, GPU, storage,
+    custom resources), the models dealt round-robin, each run training its models one after
+    another. Models with different scaling never share a run (one run has one worker group)."""
     if runs is None:
         return [[p] for p in planned]
     if runs < 1:
@@ -140,20 +148,56 @@ def pack(planned: list[Planned], runs: int | None) -> list[list[Planned]]:
     return [same[i::runs] for same in by_scaling.values() for i in range(min(runs, len(same)))]
 
 
+def _restart_point() -> tuple[list[str], str | None, str | None]:
+    """Where a restarted run (FailureConfig) picks up: (models already done, the model in
+    progress at its last resume checkpoint, a local copy of that checkpoint); a first attempt
+    gets ([], None, None)."""
+    import tempfile
+
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return [], None, None
+    with ckpt.as_directory() as d:
+        progress = read_run_progress(d)
+    if progress is None:  # a worker that writes no progress (DPO, GRPO): start over
+        return [], None, None
+    if progress["final"]:
+        return progress["done"], None, None
+    local = tempfile.mkdtemp(prefix="moco_resume_")
+    ckpt.to_directory(local)
+    log.warning("run restarted: %d model(s) already done, %r resumes from step %s",
+                len(progress["done"]), progress["job"], read_resume_step(local))
+    return progress["done"], progress["job"], local
+
+
 def in_turn_worker(config: dict[str, Any]) -> None:
     """Ray Train entry of a run that trains several models: `config["worker"](job)` for each of
     `config["jobs"]` in turn, in the same worker processes (one worker-group start, imports and
-    the DeepSpeed op loaded once); memory is handed back between models."""
-    for i, job in enumerate(config["jobs"]):
-        if i:
-            release_memory()
-        log.info("run model %d/%d: %s", i + 1, len(config["jobs"]), job["job"])
-        try:
-            config["worker"](job)
-        except Exception as e:
-            # Ray shows the head and tail of a worker's traceback: end it with the model's name
-            # and the first cause (a bad row, a missing file), not a wrapper's message.
-            raise RuntimeError(job_failed(job, e)) from e
+    the DeepSpeed op loaded once); memory is handed back between models. After a restart (a
+    worker died; `DistillConfig.max_failures`) the models the run had finished are skipped and
+    the one in progress continues from its last resume checkpoint, if it wrote one."""
+    done, resuming, resume_dir = _restart_point()
+    try:
+        for i, job in enumerate(config["jobs"]):
+            if job["job"] in done:
+                continue
+            if i:
+                release_memory()
+            log.info("run model %d/%d: %s", i + 1, len(config["jobs"]), job["job"])
+            job = {**job, "done_before": list(done),
+                   "resume_dir": resume_dir if job["job"] == resuming else None}
+            try:
+                config["worker"](job)
+            except Exception as e:
+                # Ray shows the head and tail of a worker's traceback: end it with the model's
+                # name and the first cause (a bad row, a missing file), not a wrapper's message.
+                raise RuntimeError(job_failed(job, e)) from e
+            done.append(job["job"])
+    finally:
+        if resume_dir is not None:
+            shutil.rmtree(resume_dir, ignore_errors=True)
 
 
 def _saved_result(storage: str, name: str):
@@ -172,7 +216,7 @@ def _one_run(train_fn, group: list[Planned], what: str
     is copied to its job's out_dir and verified. Returns
     ({model: info} of the models that finished, the run's error or None)."""
     import ray.data
-    from ray.train import CheckpointConfig
+    from ray.train import CheckpointConfig, FailureConfig
 
     cfg = group[0].cfg
     configs, datasets = [], {}
@@ -187,6 +231,7 @@ def _one_run(train_fn, group: list[Planned], what: str
     name = f"{what}-{group[0].job.model}-{time.time_ns()}"
     trainer = make_trainer(in_turn_worker, {"worker": train_fn, "jobs": configs}, cfg, name,
                            storage, checkpoint_config=CheckpointConfig(num_to_keep=None),
+                           failure_config=FailureConfig(max_failures=cfg.max_failures),
                            datasets=datasets or None)
     t0 = time.time()
     error: BaseException | None = None
@@ -197,13 +242,19 @@ def _one_run(train_fn, group: list[Planned], what: str
         except Exception as e:  # noqa: BLE001 (returned: the models done before it are kept)
             error, result = e, _saved_result(storage, name)
         t1 = time.time()
-        saved = {m.get("job"): c for c, m in (result.best_checkpoints or [])} if result else {}
+        # A model's final checkpoint (resume checkpoints carry "resume_step"); a model a
+        # restarted run trained again has its last.
+        saved = {m.get("job"): (c, m) for c, m in (result.best_checkpoints or [])
+                 if m.get("resume_step") is None} if result else {}
         prev = t0
         for p in group:
             if p.job.model not in saved:
                 continue
-            saved[p.job.model].to_directory(p.job.out_dir)
+            ckpt, metrics = saved[p.job.model]
+            ckpt.to_directory(p.job.out_dir)
+            (Path(p.job.out_dir) / RUN_PROGRESS).unlink(missing_ok=True)
             info = checkpoint_info(p.job.model, p.job.out_dir, 0.0)
+            info = info.model_copy(update={"resumed_from": metrics.get("resumed_from")})
             # Each model's share of the run: from the previous model's end (the run's start for
             # the first) to its own (the run's end for the last; handback included).
             end = t1 if p is group[-1] else info.train_finished

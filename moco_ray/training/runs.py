@@ -41,7 +41,8 @@ def make_trainer(train_fn, loop_config: dict, cfg: DistillConfig, name: str, sto
     return TorchTrainer(
         train_fn, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker,
+                                                           **cfg.resources_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage, **run_kw), datasets=datasets)
 
@@ -58,10 +59,12 @@ def checkpoint_info(model: str, out_dir: str, seconds: float) -> CheckpointInfo:
 
 
 def scratch_storage(prefix: str) -> str:
-    """A new storage dir of a run that has no `storage_path`: under $MOCO_RAY_WORKDIR when set
-    (storage every node sees, on a cluster; the job's runtime env carries it to every actor),
+    """A new storage dir of a run that has no `storage_path`: under $MOCO_RAY_TRAIN_STORAGE
+    (`<storage>/<run_name>/train`, set by `moco-ray run` / `evolve`), else $MOCO_RAY_WORKDIR
+    (storage every node sees, on a cluster; the job's runtime env carries both to every actor),
     else the system temp dir (one machine). The run removes it once its checkpoints are out."""
-    root = os.environ.get("MOCO_RAY_WORKDIR") or None
+    root = (os.environ.get("MOCO_RAY_TRAIN_STORAGE") or os.environ.get("MOCO_RAY_WORKDIR")
+            or None)
     if root:
         os.makedirs(root, exist_ok=True)
     return tempfile.mkdtemp(prefix=prefix, dir=root)

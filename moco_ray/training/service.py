@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from moco_ray.config.distill import DEFAULT_ADAPTER, DistillConfig, GRPOSettings
+from moco_ray.config.distill import DEFAULT_ADAPTER, DistillConfig, GRPOSettings, on_gpu_pool
 from moco_ray.records import Cost
 from moco_ray.training.launch import DistillJob, distill_all
 from moco_ray.training.preference import PreferenceJob, dpo_train_adapters, grpo_train_adapter
@@ -29,14 +29,18 @@ class TrainerService:
     """Adapter training for the jobs of one process. `max_trainings`: Ray Train runs at once
     across all jobs (None: no cap, Ray's resource scheduling alone decides). `warm`: train on
     warm trainers of this service's own (`moco_ray.training.warm`: one long-lived Ray Train run
-    per scaling setup, stopped by `close` or at exit)."""
+    per scaling setup, stopped by `close` or at exit). `on_gpu`: the pool runs on GPUs
+    (`PoolConfig.on_gpus`), so every training defaults to one GPU per worker, bf16 and NCCL
+    (`on_gpu_pool`; a config that sets use_gpu or bf16 keeps its own)."""
 
-    def __init__(self, max_trainings: int | None = None, warm: bool = False):
+    def __init__(self, max_trainings: int | None = None, warm: bool = False,
+                 on_gpu: bool = False):
         if max_trainings is not None and max_trainings < 1:
             raise ValueError(f"max trainings at once must be >= 1 or None, got {max_trainings}")
         self._cap = max_trainings or 0
         self._slots = asyncio.Semaphore(max_trainings) if max_trainings else None
         self._warm = WarmTrainers() if warm else None
+        self._on_gpu = on_gpu
         if self._warm is not None:
             atexit.register(self._warm.close)
 
@@ -46,11 +50,15 @@ class TrainerService:
             self._warm.close()
             atexit.unregister(self._warm.close)
 
+    def placed(self, cfg: DistillConfig) -> DistillConfig:
+        """`cfg` as this service trains it: with the GPU defaults when the pool is on GPUs."""
+        return on_gpu_pool(cfg) if self._on_gpu else cfg
+
     async def train_adapters(self, ctx, jobs: dict[str, tuple[str, list[dict]]],
                              cfg: DistillConfig | None = None) -> dict[str, str]:
         """Train one LoRA SFT adapter per `{name: (pool_model, rows)}`, starting from the weights
         each pool model serves now. Returns `{name: adapter_dir}`."""
-        cfg = cfg or DEFAULT_ADAPTER
+        cfg = self.placed(cfg or DEFAULT_ADAPTER)
         if cfg.method != "lora" or cfg.output != "adapter":
             raise ValueError("a job trains LoRA adapters served per request (method='lora', "
                              f"output='adapter'), got method={cfg.method!r} "
@@ -74,6 +82,7 @@ class TrainerService:
         """DPO-train one adapter per `{name: (pool_model, pairs, init_adapter)}`, from the
         weights each pool model serves now. Returns `{name: adapter_dir}`."""
         root = Path(ctx.workdir) / f"dpo-{time.time_ns()}"
+        cfg = self.placed(cfg)
         specs = [PreferenceJob(name, await ctx.pool.weights_path(model), pairs, str(root / name),
                                init)
                  for name, (model, pairs, init) in jobs.items()]
@@ -86,6 +95,7 @@ class TrainerService:
         """GRPO-train one adapter of pool model `model` from the weights it serves now, with the
         picklable `reward(completion, row) -> float`. Returns the adapter dir."""
         out = Path(ctx.workdir) / f"grpo-{time.time_ns()}" / name
+        cfg = self.placed(cfg)
         base = await ctx.pool.weights_path(model)
         infos = await self.run_trainings(ctx, [PreferenceJob(name, base, rows, str(out))],
                                          lambda *_: {name: grpo_train_adapter(

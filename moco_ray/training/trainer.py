@@ -7,6 +7,7 @@ token-mean loss of the whole step, however it is cut into micro-batches and work
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -46,6 +47,7 @@ class TrainState:
     engine: Any
     tokenizer: Any
     losses: list[float] = field(default_factory=list)
+    resumed_from: int | None = None  # steps a resume checkpoint had done (None: from step 0)
     entered: float = 0.0  # the loop was called (model load and DeepSpeed init follow)
     started: float = 0.0  # first step began
     finished: float = 0.0  # last step ended
@@ -115,10 +117,57 @@ def _step_plan(cfg: DistillConfig, n_local: int, world: int, device) -> tuple[in
     return steps_per_epoch * per_step, total
 
 
+# A resume checkpoint: DeepSpeed's engine checkpoint under this tag, the loop's position (rank 0)
+# and every rank's RNG state (LoRA dropout draws), so a resumed run takes the steps an unbroken
+# one would have taken.
+RESUME_TAG = "resume"
+RESUME_STATE = "moco_resume.json"
+
+
+def _rng_file(rank: int) -> str:
+    return f"moco_rng_rank{rank}.pt"
+
+
+def save_resume_point(engine, out_dir: str, step: int, losses: list[float]) -> None:
+    """Write a resume checkpoint of the loop after `step` optimizer steps into `out_dir`
+    (collective: every rank calls it and writes its own shard and RNG state)."""
+    engine.save_checkpoint(out_dir, tag=RESUME_TAG)
+    rank = dist.get_rank()
+    torch.save(torch.get_rng_state(), Path(out_dir) / _rng_file(rank))
+    if rank == 0:
+        (Path(out_dir) / RESUME_STATE).write_text(json.dumps({"step": step, "losses": losses}))
+
+
+def read_resume_step(resume_dir: str) -> int | None:
+    """Steps a resume checkpoint had done (None when the dir holds none)."""
+    path = Path(resume_dir) / RESUME_STATE
+    return int(json.loads(path.read_text())["step"]) if path.is_file() else None
+
+
+def load_resume_point(engine, resume_dir: str) -> tuple[int, list[float]]:
+    """Restore a `save_resume_point` checkpoint into `engine`; returns (steps done, losses)."""
+    path, _ = engine.load_checkpoint(resume_dir, tag=RESUME_TAG)
+    if path is None:
+        raise RuntimeError(f"resume checkpoint in {resume_dir} could not be loaded (DeepSpeed "
+                           f"found no '{RESUME_TAG}' checkpoint there)")
+    rng = Path(resume_dir) / _rng_file(dist.get_rank())
+    if rng.is_file():
+        torch.set_rng_state(torch.load(rng))
+    state = json.loads((Path(resume_dir) / RESUME_STATE).read_text())
+    return int(state["step"]), [float(x) for x in state["losses"]]
+
+
+# (steps done, state) -> None: called on every rank after every `checkpoint_every` steps.
+CheckpointHook = Callable[[int, "TrainState"], None]
+
+
 def run_training(cfg: DistillConfig, base_model_dir: str, rows: list[dict],
-                 on_step: StepHook | None = None) -> TrainState:
+                 on_step: StepHook | None = None, on_checkpoint: CheckpointHook | None = None,
+                 resume_dir: str | None = None) -> TrainState:
     """Train on this rank's tokenized rows (see data.tokenize_row); call `on_step(metrics)` after
-    every optimizer step with the step's global loss. Collective: every rank must call it."""
+    every optimizer step with the step's global loss, and `on_checkpoint(step, state)` after
+    every `cfg.checkpoint_every` steps but the last. `resume_dir`: a `save_resume_point`
+    checkpoint to continue from. Collective: every rank must call it."""
     entered = time.time()
     import deepspeed
     from transformers import AutoTokenizer
@@ -142,10 +191,14 @@ def run_training(cfg: DistillConfig, base_model_dir: str, rows: list[dict],
     used, total = _step_plan(cfg, len(rows), world, device)
     per_step = cfg.batch_size * cfg.grad_accum
     state = TrainState(engine=engine, tokenizer=tokenizer, entered=entered, started=time.time())
+    first = 0
+    if resume_dir is not None:
+        first, state.losses = load_resume_point(engine, resume_dir)
+        state.resumed_from = first
     order: list[int] = []
-    for step in range(total):
+    for step in range(first, total):
         epoch, within = divmod(step, used // per_step)
-        if within == 0:
+        if within == 0 or step == first:  # an epoch's order is a function of (seed, epoch)
             gen = torch.Generator().manual_seed(cfg.seed + epoch)
             order = torch.randperm(len(rows), generator=gen)[:used].tolist()
         picked = [rows[i] for i in order[within * per_step:(within + 1) * per_step]]
@@ -171,6 +224,9 @@ def run_training(cfg: DistillConfig, base_model_dir: str, rows: list[dict],
         if on_step is not None:
             on_step({"step": step + 1, "loss": state.losses[-1], "sft_loss": sft_mean,
                      "kd_loss": kd_mean, "tokens": int(counts[0])})
+        every = cfg.checkpoint_every
+        if on_checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < total:
+            on_checkpoint(step + 1, state)
     state.finished = time.time()
     return state
 
@@ -207,7 +263,21 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report({**pending[-1], "losses": [m["loss"] for m in pending]})
             pending.clear()
 
-    state = run_training(cfg, config["base_model_dir"], rows, on_step=None if warm else on_step)
+    def on_checkpoint(step: int, st: TrainState) -> None:
+        # Every rank writes its shard into its own dir; Ray Train gathers them into one
+        # checkpoint. The pending step losses go with it (reports stay equal across ranks).
+        with tempfile.TemporaryDirectory(prefix="moco_resume_") as tmp:
+            save_resume_point(st.engine, tmp, step, st.losses)
+            if rank == 0:
+                write_run_progress(tmp, config.get("done_before", []), config.get("job"), False)
+            losses = [m["loss"] for m in pending]
+            pending.clear()
+            ray.train.report({"job": config.get("job"), "resume_step": step, "losses": losses},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    state = run_training(cfg, config["base_model_dir"], rows, on_step=None if warm else on_step,
+                         on_checkpoint=None if warm else on_checkpoint,
+                         resume_dir=config.get("resume_dir"))
     state.entered = entered  # the run began with the worker, before its data shard was read
     with tempfile.TemporaryDirectory(prefix="moco_ckpt_") as tmp:
         manifest = save_checkpoint(state, cfg, config["base_model_dir"], config["model_name"],
@@ -217,9 +287,30 @@ def train_worker(config: dict[str, Any]) -> None:
             return
         final = {"job": config.get("job"), "step": len(state.losses), "loss": state.losses[-1],
                  "losses": state.losses, "train_entered": state.entered,
-                 "train_started": state.started, "train_finished": state.finished}
+                 "train_started": state.started, "train_finished": state.finished,
+                 "resumed_from": state.resumed_from}
         if rank == 0:
             assert manifest is not None
+            write_run_progress(tmp, [*config.get("done_before", []), config.get("job")],
+                               config.get("job"), True, state.resumed_from)
             ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(final)
+
+
+# In every checkpoint a run reports: which of its models are done, so a restarted run (Ray
+# Train's FailureConfig) skips them and resumes the one in progress. Removed from a model's
+# checkpoint once it is copied out (`launch`).
+RUN_PROGRESS = "moco_run_progress.json"
+
+
+def write_run_progress(out_dir: str, done: list, job: str | None, final: bool,
+                       resumed_from: int | None = None) -> None:
+    (Path(out_dir) / RUN_PROGRESS).write_text(json.dumps(
+        {"done": list(done), "job": job, "final": final, "resumed_from": resumed_from}))
+
+
+def read_run_progress(ckpt_dir: str | Path) -> dict | None:
+    """A checkpoint's run progress (see `write_run_progress`), or None if it has none."""
+    path = Path(ckpt_dir) / RUN_PROGRESS
+    return json.loads(path.read_text()) if path.is_file() else None

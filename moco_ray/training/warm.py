@@ -214,8 +214,9 @@ class WarmTrainer:
 
 
 class WarmTrainers:
-    """Warm trainers by scaling setup (workers, CPUs each, GPU, storage), each started on its
-    first job. A `TrainerService` holds its own set; `launch.keep_warm` holds the process's."""
+    """Warm trainers by scaling setup (workers, CPUs each, GPU, storage, custom resources), each
+    started on its first job. A `TrainerService` holds its own set; `launch.keep_warm` holds the
+    process's."""
 
     def __init__(self):
         self._hosts: dict[tuple, WarmTrainer] = {}

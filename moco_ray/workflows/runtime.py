@@ -23,10 +23,12 @@ TRAIN_POLL_S = "0.5"
 
 
 # Settings every actor and task of a run must see as the driver does (the coordinator reads
-# MOCO_RAY_WORKDIR for the adapters and candidates it writes; engines and trainers read the hub
-# settings when they open a model): passed on in the job's runtime env when set.
-FORWARDED_ENV = ("MOCO_RAY_WORKDIR", "MOCO_RAY_CACHE", "MOCO_RAY_DATA", "HF_HOME", "HF_HUB_CACHE",
-                 "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_TOKEN")
+# MOCO_RAY_WORKDIR for the adapters and candidates it writes and trainers MOCO_RAY_TRAIN_STORAGE
+# for Ray Train's storage, both derived from the run's `storage` (workflows/storage.py); engines
+# and trainers read the hub settings when they open a model): passed on in the job's runtime env
+# when set.
+FORWARDED_ENV = ("MOCO_RAY_WORKDIR", "MOCO_RAY_TRAIN_STORAGE", "MOCO_RAY_CACHE", "MOCO_RAY_DATA",
+                 "HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_TOKEN")
 
 
 def job_env() -> dict:
@@ -35,6 +37,24 @@ def job_env() -> dict:
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     env[TRAIN_POLL_ENV] = os.environ.get(TRAIN_POLL_ENV, TRAIN_POLL_S)
     return {"env_vars": env}
+
+
+def driver_env() -> dict:
+    """`job_env()` for this driver's `ray.init`, less the env vars a submitted job's own runtime
+    env sets (`ray job submit --runtime-env-json`, a RayJob's runtimeEnvYAML): Ray refuses a
+    driver whose env var keys repeat the job's ("Failed to merge the Job's runtime env"), and
+    the job's workers get those from the job anyway."""
+    import json
+
+    env = job_env()
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if raw:
+        try:
+            submitted = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+        except (ValueError, AttributeError):
+            submitted = {}
+        env["env_vars"] = {k: v for k, v in env["env_vars"].items() if k not in submitted}
+    return env
 
 
 def started_cluster() -> str | None:
@@ -58,10 +78,10 @@ def init_ray(num_cpus: int | None = None) -> str:
     if ray.is_initialized():
         return "initialized"
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=job_env())
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=driver_env())
         return "address"
     if started_cluster() is not None:
-        ray.init(address="auto", runtime_env=job_env())
+        ray.init(address="auto", runtime_env=driver_env())
         return "auto"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # A local run shares one machine between the pool, Ray Data and the trainers; engines sit

@@ -6,10 +6,10 @@ records back, write them, and return them with a summary.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -21,7 +21,10 @@ from moco_ray.records import Cost, Record
 from moco_ray.strategies.registry import get_strategy
 from moco_ray.tasks.base import Task
 from moco_ray.workflows.jobstore import JobStore
-from moco_ray.workflows.runtime import init_ray, load_tasks
+from moco_ray.workflows.runtime import init_ray, job_env, load_tasks
+from moco_ray.workflows.storage import RunPaths, check_run_storage, storage_env
+
+log = logging.getLogger(__name__)
 
 
 class SummaryRow(BaseModel):
@@ -86,6 +89,24 @@ def summarize(records: list[Record], jobs: list[JobStatus]) -> list[SummaryRow]:
     return rows
 
 
+# Restarts of a coordinator actor that died (its process or node): the driver then hands the
+# restarted actor every job it had in flight, less the examples already recorded (`run_jobs`).
+COORDINATOR_RESTARTS = 3
+
+
+def coordinator_name(run_name: str) -> str:
+    return f"moco-coordinator-{run_name}"
+
+
+def start_coordinator(pool, name: str | None = None, **kw):
+    """A Coordinator actor over `pool` (a PoolClient) that carries the job env itself: on a Ray
+    started before this run (tests, a notebook) the job's env lacks this run's dirs
+    (workflows/storage.py), and what the coordinator starts (trainers) inherits its env. Ray
+    restarts it up to COORDINATOR_RESTARTS times if it dies; `run_jobs` resubmits its jobs."""
+    return Coordinator.options(runtime_env=job_env(), name=name,
+                               max_restarts=COORDINATOR_RESTARTS).remote(pool, **kw)
+
+
 def run_jobs(coordinator, reqs: list[JobRequest],
              on_progress: Callable[[JobStatus, int], None] | None = None,
              max_jobs: int | None = None,
@@ -99,6 +120,7 @@ def run_jobs(coordinator, reqs: list[JobRequest],
     import ray
 
     waiting = list(reqs)
+    by_id = {r.job: r for r in reqs}
     live: list[str] = []
     records: list[Record] = []
     per_job: dict[str, list[Record]] = defaultdict(list)
@@ -106,10 +128,16 @@ def run_jobs(coordinator, reqs: list[JobRequest],
     while len(final) < len(reqs):
         room = len(waiting) if max_jobs is None else max(0, max_jobs - len(live))
         batch, waiting = waiting[:room], waiting[room:]
-        ray.get([coordinator.submit.remote(r) for r in batch])
         live += [r.job for r in batch]
-        for job, (recs, st) in zip(list(live),
-                                   ray.get([coordinator.poll.remote(j, 0.5) for j in live])):
+        try:
+            ray.get([coordinator.submit.remote(r) for r in batch])
+            polled = ray.get([coordinator.poll.remote(j, 0.5) for j in live])
+        except ray.exceptions.RayActorError:
+            # The coordinator died (and Ray restarts it, see start_coordinator) with its jobs'
+            # state: hand the new one every live job again, less what it already sent us.
+            resubmit(coordinator, [by_id[j] for j in live], per_job)
+            continue
+        for job, (recs, st) in zip(list(live), polled):
             records += recs
             per_job[job] += recs
             if on_records and recs:
@@ -128,6 +156,48 @@ def run_jobs(coordinator, reqs: list[JobRequest],
     return records, [final[r.job] for r in reqs]
 
 
+def resubmit(coordinator, reqs: list[JobRequest], got: dict[str, list[Record]],
+             timeout_s: float = 600.0) -> None:
+    """After the coordinator died: wait for Ray's restart of it, then submit `reqs` again, each
+    skipping the examples whose records `got` holds. A call is a pure function of prompt, params
+    and seed, so the examples in flight at the death run again with the same outcome: nothing
+    lost, nothing recorded twice. A job's fit runs again; its status counts (done, cost) start
+    over in the new actor (the records keep each example's own cost)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(coordinator.list_jobs.remote(), timeout=60)
+            break
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            if time.monotonic() > deadline or _gone_for_good(coordinator):
+                raise CoordinatorLost(
+                    f"the coordinator died and did not come back within {timeout_s:g}s (or "
+                    f"used its {COORDINATOR_RESTARTS} restarts): {e}") from e
+            time.sleep(0.5)
+    log.warning("coordinator restarted: resubmitting %d job(s), skipping the examples already "
+                "recorded", len(reqs))
+    ray.get([coordinator.submit.remote(r.model_copy(update={
+        "skip": r.skip | {(x.split, x.example_id) for x in got.get(r.job, [])}}))
+        for r in reqs])
+
+
+def _gone_for_good(coordinator) -> bool:
+    """Whether Ray reports the actor DEAD (no restart left), not RESTARTING."""
+    import ray
+
+    try:
+        info = ray.util.state.get_actor(coordinator._actor_id.hex())
+    except Exception:  # noqa: BLE001 (no state API here: keep waiting until the deadline)
+        return False
+    return info is not None and info.state == "DEAD"
+
+
+class CoordinatorLost(RuntimeError):
+    """The coordinator actor died for good; the records received so far were saved."""
+
+
 class JobsFailed(RuntimeError):
     def __init__(self, records: list[Record], jobs: list[JobStatus], failed: list[JobStatus]):
         self.records, self.jobs = records, jobs
@@ -139,11 +209,20 @@ def run_config(cfg: RunConfig, on_progress=None, pool=None, resume: bool = True,
     """Run every job of `cfg`; `pool` reuses a started ModelPool (else one is started and
     shut down here). Each job's records are saved as it ends; with `resume`, jobs a previous
     run of the same config finished are taken from there, not run again (`on_resumed(n_saved,
-    n_jobs)` is told how many), and if none is left no pool starts."""
+    n_jobs)` is told how many), and if none is left no pool starts. Every file goes under
+    `<storage>/<run_name>/` (workflows/storage.py), checked writable and shared by every node of
+    the cluster before the pool starts."""
+    tasks = load_tasks(cfg)
+    paths = RunPaths.of(cfg.storage, cfg.run_name)
+    with storage_env(paths):
+        return _run(cfg, tasks, paths, on_progress, pool, resume, on_resumed)
+
+
+def _run(cfg: RunConfig, tasks: dict[str, Task], paths: RunPaths, on_progress, pool,
+         resume: bool, on_resumed) -> SweepResult:
     import ray
 
-    tasks = load_tasks(cfg)
-    out_dir = Path(cfg.output_dir) / cfg.run_name
+    out_dir = paths.root
     store = JobStore(out_dir, cfg)
     reqs = job_requests(cfg, tasks)
     prints = {job_id: store.fingerprint(j, t) for job_id, j, t in job_ids(cfg)}
@@ -176,6 +255,7 @@ def run_config(cfg: RunConfig, on_progress=None, pool=None, resume: bool = True,
                            summary=summarize(records, jobs), jobs=jobs)
 
     init_ray()
+    check_run_storage(paths)
     if not todo:
         return finish()
 
@@ -191,8 +271,9 @@ def run_config(cfg: RunConfig, on_progress=None, pool=None, resume: bool = True,
     try:
         if own_pool:
             pool.start()
-        coord = Coordinator.remote(pool.client(), max_trainings=cfg.max_trainings,
-                                   warm_trainers=cfg.warm_trainers)
+        coord = start_coordinator(pool.client(), name=coordinator_name(cfg.run_name),
+                                  max_trainings=cfg.max_trainings,
+                                  warm_trainers=cfg.warm_trainers, on_gpu=cfg.pool.on_gpus)
         try:
             new, jobs = run_jobs(coord, todo, on_progress, max_jobs=cfg.max_jobs,
                                  on_done=on_done, on_records=on_records)

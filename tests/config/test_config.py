@@ -114,3 +114,27 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("pool: [unclosed")
     with pytest.raises(ConfigError, match="YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_config_validates_again_after_a_dump(path):
+    """A run saves its config as a dump and a resume validates that dump: a check that read
+    which fields the user set (model_fields_set) would refuse the saved config of a run."""
+    from moco_ray.config import EvolveConfig, RunConfig
+
+    raw = yaml.safe_load(path.read_text())
+    model = EvolveConfig if "system" in raw else RunConfig
+    cfg = model.model_validate(raw)
+    again = model.model_validate(yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json"))))
+    assert again.model_dump() == cfg.model_dump()
+
+
+def test_autoscaling_starts_at_min_replicas_and_survives_a_dump():
+    from moco_ray.config import ModelSpec
+
+    m = ModelSpec(name="a", path="zoo:tiny", autoscaling={"min_replicas": 2, "max_replicas": 4})
+    assert m.replicas == 2
+    assert ModelSpec.model_validate(m.model_dump()).replicas == 2
+    with pytest.raises(ValueError, match="replicas=5 conflicts with autoscaling"):
+        ModelSpec(name="a", path="zoo:tiny", replicas=5,
+                  autoscaling={"min_replicas": 2, "max_replicas": 4})

@@ -167,3 +167,19 @@ def test_bad_inputs_raise_clear_errors(pair, tokenizer, tmp_path_factory):
         get_combine("nope")
     with pytest.raises(ValueError, match="exceeds the models' context"):
         dec.generate(PROMPTS, max_tokens=3000)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_members_on_different_gpus_match_the_cpu(pair, tokenizer):
+    """A logit group's members on cuda:0 and cuda:1, log-probs gathered on cuda:0: the same
+    greedy fused tokens as on the CPU."""
+    on_cpu = LockstepDecoder(pair, tokenizer).generate(PROMPTS, max_tokens=8,
+                                                       weights=[0.3, 0.7])
+    spread = [copy.deepcopy(m).to(f"cuda:{i}") for i, m in enumerate(pair)]
+    dec = LockstepDecoder(spread, tokenizer, device="cuda:0")
+    got = dec.generate(PROMPTS, max_tokens=8, weights=[0.3, 0.7])
+    assert [g["token_ids"] for g in got] == [g["token_ids"] for g in on_cpu]
+    for a, b in zip(got, on_cpu):
+        for x, y in zip(a["logprobs"], b["logprobs"]):
+            assert x["logprob"] == pytest.approx(y["logprob"], abs=1e-3)

@@ -149,6 +149,24 @@ def test_engine_args_and_errors(tiny, run):
         run(eng.add_lora("a", tiny))
 
 
+def test_gpu_placement_settings_reach_vllm_engine_args(tiny, monkeypatch):
+    """The pool's placement settings (ModelSpec -> EngineSpec) become vLLM's engine args; the
+    GPU-only ones are checked with the GPU branch taken (engine_args builds nothing)."""
+    import moco_ray.engines.vllm as vllm_mod
+    from moco_ray.config import ModelSpec
+
+    m = ModelSpec(name="m", path=tiny, num_gpus=1, tensor_parallel_size=2,
+                  pipeline_parallel_size=2, gpu_memory_utilization=0.6, enable_lora=True,
+                  max_loras=3)
+    monkeypatch.setattr(vllm_mod, "_on_gpu", lambda: True)
+    args = VLLMEngine(m.engine_spec(tiny)).engine_args()
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size, args.gpu_memory_utilization,
+            args.max_loras, args.distributed_executor_backend) == (2, 2, 0.6, 3, "ray")
+    one = VLLMEngine(ModelSpec(name="m", path=tiny, num_gpus=1).engine_spec(tiny)).engine_args()
+    assert (one.tensor_parallel_size, one.gpu_memory_utilization) == (1, 0.85)
+    assert one.distributed_executor_backend is None  # vLLM's own default for one GPU
+
+
 def test_many_seeded_long_prompts_at_once_keep_the_engine_alive(vllm_engine, run):
     """Regression: seeded sampling on a prompt that vLLM splits over steps (chunked prefill)
     rewinds a CPU torch.Generator, which kills the engine core; the CPU engine args avoid it."""

@@ -188,6 +188,11 @@ def test_fused_generate_matches_the_single_model_at_one_hot_weights(pool):
         asyncio.run(client.fused_generate("duo", ["x"], params, "bogus", [1.0, 1.0]))
 
 
+def test_logit_group_members_stay_on_cpu_without_gpus(pool):
+    info = pool.handle("duo").info.remote().result()
+    assert info["devices"] == {"tiny-vllm": "cpu", "tiny-hf": "cpu"}
+
+
 def test_concurrent_fused_calls_decode_as_one_batch(pool):
     """Calls beyond Serve's default of 5 ongoing requests reach the group and share a batch."""
     client = pool.client()

@@ -8,6 +8,7 @@ import pytest
 
 from moco_ray.config import TaskSpec, default_data_dir
 from moco_ray.tasks import DevSplit, TestSplit, build_task, known_task, load_task, require_dev
+from moco_ray.tasks.loaders import moco_data_dir
 
 MOCO_TASKS = {  # name -> (kind, dev rows, test rows) as loaded (math drops rows without answers)
     "arc_challenge": ("multiple_choice", 299, 1172), "bbh": ("exact_match", 1000, 1000),
@@ -200,3 +201,28 @@ def test_build_task_from_rows_and_synthetic_spec():
                              options={"task": "sort", "seed": 3}))
     assert (syn.name, len(syn.dev), len(syn.test), syn.kind) == ("my_sort", 4, 5, "synthetic")
     assert syn.test.examples[0].question.startswith("sort ")
+
+
+def test_moco_data_dir_env_then_shipped_folder_then_default(tmp_path, monkeypatch):
+    """`ray job submit --working-dir .` runs the job in its unpacked working dir: MoCo task files
+    in its ./data/moco are found there, unless $MOCO_RAY_DATA names another folder."""
+    def task_file(folder, answer):
+        folder.mkdir(parents=True)
+        (folder / "mine.json").write_text(json.dumps({
+            "task_type": "exact_match", "dev": [], "test": [{"input": "q", "output": answer}]}))
+
+    task_file(tmp_path / "job" / "data" / "moco", "1")
+    task_file(tmp_path / "elsewhere", "2")
+    monkeypatch.delenv("MOCO_RAY_DATA", raising=False)
+    monkeypatch.chdir(tmp_path / "job")
+    assert moco_data_dir() == tmp_path / "job" / "data" / "moco"
+    assert load_task(TaskSpec(name="mine")).test.examples[0].reference == "1"
+
+    monkeypatch.setenv("MOCO_RAY_DATA", str(tmp_path / "elsewhere"))
+    assert load_task(TaskSpec(name="mine")).test.examples[0].reference == "2"
+
+    monkeypatch.delenv("MOCO_RAY_DATA")
+    monkeypatch.chdir(tmp_path)  # no ./data/moco here: the folder beside the repo
+    assert moco_data_dir() == default_data_dir()
+    assert "put the task files in ./data/moco" in known_task(TaskSpec(name="mine"),
+                                                             tmp_path / "absent")

@@ -69,3 +69,18 @@ def test_init_ray_uses_ray_address_when_set(monkeypatch):
     fake = _FakeRay(cluster_running=False)
     assert _init_with(monkeypatch, fake) == "address"
     assert fake.calls[0]["address"] == "ray://head:10001" and "num_cpus" not in fake.calls[0]
+
+
+def test_driver_env_leaves_out_what_the_submitted_job_sets(monkeypatch):
+    """Under `ray job submit` with env vars, repeating one of them in ray.init makes Ray refuse
+    the driver; the others still go."""
+    import json
+
+    monkeypatch.setenv("MOCO_RAY_DATA", "/data/moco")
+    monkeypatch.setenv("HF_HOME", "/mnt/hf")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"env_vars": {"HF_HOME": "/mnt/hf"}}}))
+    env = runtime.driver_env()["env_vars"]
+    assert "HF_HOME" not in env and env["MOCO_RAY_DATA"] == "/data/moco"
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert runtime.driver_env()["env_vars"]["HF_HOME"] == "/mnt/hf"

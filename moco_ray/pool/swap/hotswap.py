@@ -33,6 +33,7 @@ from pathlib import Path
 
 import ray
 from pydantic import BaseModel, ConfigDict, Field
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from moco_ray.models.checkpoint import (
     MANIFEST,
@@ -306,10 +307,15 @@ def registry_name(pool: str) -> str:
 def start_registry(pool: str, models: dict[str, dict], state_path: str | None = None):
     """The registry for `pool` (one left by an earlier run of the same pool is replaced),
     continuing `state_path` when that file exists. Detached: replicas belong to Serve's
-    controller and outlive the driver's job. Returns once it is up (a bad state file raises)."""
+    controller and outlive the driver's job. Pinned to the driver's node (Ray puts an actor that
+    needs no CPU on any node, and a soft affinity is often ignored): a lost worker node must not
+    take the versions with it, since a replica Serve starts again reads its version here.
+    Returns once it is up (a bad state file raises)."""
     stop_registry(pool)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(num_cpus=0)(SwapRegistry).options(
-        name=registry_name(pool), namespace=NAMESPACE, lifetime="detached").remote(
+        name=registry_name(pool), namespace=NAMESPACE, lifetime="detached",
+        scheduling_strategy=here).remote(
             models, str(Path(state_path).resolve()) if state_path else None)
     ray.get(actor.versions.remote())
     return actor

@@ -52,10 +52,12 @@ def fill_rows(rows: list[dict], n: int) -> list[dict]:
     return out
 
 
-def sft_row(user: str, assistant: str, system: str | None = None) -> dict:
-    msgs = [{"role": "system", "content": system}] if system else []
-    return {"messages": msgs + [{"role": "user", "content": user},
-                                {"role": "assistant", "content": assistant}]}
+def label_prompt(text: str) -> Prompt:
+    """What a trained selector (trained router, Switch Generation's selector) is shown: `text`
+    as one user turn. Used at training time (its SFT row is this plus the label as the reply,
+    `chat_row`) and at test time (the labels are scored after it), so the trainer and the engine
+    render the same chat template around the same text."""
+    return [{"role": "user", "content": text}]
 
 
 def chat_row(prompt: Prompt, assistant: str) -> dict:

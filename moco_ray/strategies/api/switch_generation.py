@@ -16,17 +16,22 @@ generate the next segment? ..."), and the selector adapter is trained with our R
 DeepSpeed trainer. At test time the selector scores each model's number and the chosen model
 writes the next patch, until a patch ends (EOS) or the answer reaches `max_tokens`.
 
-Reference defaults kept: patch size 50 tokens, 250 training instances, 16 rollouts per
-instance, temperature 0.7 / top-p 0.9. Departures: rollouts start with each model in turn (the
-reference drew the first model at random, so a model could get no rollout); the shared prefix
-holds 0 to (patches per answer - 1) patches, so short answers get instances too; patches are
-joined as written (the reference put a space between patches) and decoding stops at EOS (the
-reference always wrote max_response_length / patch_size patches); instances where every model's
-utility ties teach nothing and are left out, and when no instance is left, or all name one
-model, no selector is trained and that model (else the best by mean utility) writes every patch;
-the s1 "Wait," insertion and the "The final answer is" suffix of the reference are not applied;
-the selector is an adapter over a pool model (`selector_model`, default the job's first) with
-small CPU-sized settings, not a separately fine-tuned Qwen2.5-7B (LoRA r=64, lr 1e-5, 5 epochs).
+Reference defaults kept (its HEAD): patch size 25 tokens, 500 training instances, 16 rollouts
+per instance, temperature 0.7 / top-p 0.9. Departures: rollouts start with each model in turn
+(the reference drew the first model at random, so a model could get no rollout); the shared
+prefix holds 0 to (patches per answer - 1) patches (the reference: 1 to patches - 3), so short
+answers get instances too; patches are joined as written (the reference put a space between
+patches) and decoding stops at EOS (the reference always wrote max_response_length / patch_size
+patches); instances where every model's utility ties teach nothing and are left out, and when no
+instance is left, or all name one model, no selector is trained and that model (else the best by
+mean utility) writes every patch; the s1 "Wait," insertion and the "The final answer is" suffix
+of the reference are not applied; the selector's choice is the number it finds most likely
+(`score`), not parsed from a generation (the reference fell back to a random model); the
+selector prompt is one chat user turn both in its SFT rows and when it scores
+(`selector_input`; the reference trains TRL prompt/completion rows on the raw text but queries
+the trained selector through the chat template); the selector is an adapter over a pool model
+(`selector_model`, default the job's first) with small CPU-sized settings, not a separately
+fine-tuned Qwen2.5-7B (LoRA r=64, lr 1e-5, 5 epochs).
 """
 from __future__ import annotations
 
@@ -39,12 +44,13 @@ from pydantic import Field
 from moco_ray.records import Prompt, SamplingParams
 from moco_ray.strategies.api._patches import (
     AdapterFields,
+    chat_row,
     check_model,
     ended,
+    label_prompt,
     labels,
     pick_label,
     question_of,
-    sft_row,
     train_one,
     write_patch,
 )
@@ -62,7 +68,12 @@ def selector_prompt(question: str, segments: list[tuple[int, str]], n: int) -> s
     for i, seg in segments:
         text += f" <model {i} begins> {seg} <model {i} ends>"
     return (text + " Which model should generate the next segment? Please respond with a number "
-            f"from 0 to {n - 1}. The answer is model")
+            f"from 0 to {n - 1}. The answer is model ")
+
+
+def selector_input(question: str, segments: list[tuple[int, str]], n: int) -> Prompt:
+    """The selector's input, the same in its SFT rows and when it scores the model numbers."""
+    return label_prompt(selector_prompt(question, segments, n))
 
 
 @register("api_switch_generation")
@@ -71,11 +82,11 @@ class SwitchGeneration(Strategy):
     summary = "a selector trained on dev rollouts picks which model writes each next patch"
 
     class Params(SamplingFields, AdapterFields):
-        patch_tokens: int = Field(50, ge=1, description="tokens per patch (reference "
+        patch_tokens: int = Field(25, ge=1, description="tokens per patch (reference "
                                                         "patch_size)")
         selector_model: str | None = Field(None, description="pool model the selector adapter "
                                                              "is trained over (None: the first)")
-        training_instances: int = Field(250, ge=1, description="(dev question, prefix) "
+        training_instances: int = Field(500, ge=1, description="(dev question, prefix) "
                                                                "instances to label")
         rollouts: int = Field(16, ge=1, description="rollouts per instance, started by each "
                                                     "model in turn (at least one per model)")
@@ -121,7 +132,7 @@ class SwitchGeneration(Strategy):
             if max(utility) > min(utility):
                 k = max(range(len(models)), key=lambda j: (utility[j], -j))
                 taught.add(k)
-                rows.append(sft_row(selector_prompt(question, segments, len(models)), names[k]))
+                rows.append(chat_row(selector_input(question, segments, len(models)), names[k]))
         best = max(range(len(models)), key=lambda j: (mean_utility[j], -j))
         self.fitted.update(selector=selector, adapter=None, train_rows=len(rows),
                            mean_utility=dict(zip(models, mean_utility)),
@@ -208,7 +219,7 @@ class SwitchGeneration(Strategy):
                 k = models.index(self.fitted["fallback"])
             else:
                 k, _ = await pick_label(ctx, self.fitted["selector"],
-                                        selector_prompt(question, segments, len(models)), names,
+                                        selector_input(question, segments, len(models)), names,
                                         self.fitted["adapter"], step="select")
             g = await write_patch(ctx, models[k], prompt, text, p.sampling(ctx.task, ctx.rng),
                                   min(p.patch_tokens, budget - used), f"patch{len(segments)}")

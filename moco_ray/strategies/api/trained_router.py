@@ -15,7 +15,10 @@ Reference defaults kept: the router prompt (with model descriptions when given),
   is left, or all labels name one model, no router is trained and that model (else the best
   model on dev) answers everything;
 - the router's choice is the label it finds most likely (`score`), not a parsed generation, so
-  it always names a valid model (the reference fell back to a random model).
+  it always names a valid model (the reference fell back to a random model);
+- the router prompt is one chat user turn both in training and when the router scores the
+  labels (`_prompt`, used by both). The reference trains TRL prompt/completion rows on the raw
+  text but queries the trained router through the chat template.
 """
 from __future__ import annotations
 
@@ -27,11 +30,12 @@ from pydantic import Field
 from moco_ray.records import Prompt
 from moco_ray.strategies.api._patches import (
     AdapterFields,
+    chat_row,
     check_model,
+    label_prompt,
     labels,
     pick_label,
     question_of,
-    sft_row,
     train_one,
 )
 from moco_ray.strategies.base import Answer, ExampleContext, Strategy, StrategyContext, register
@@ -76,8 +80,9 @@ class TrainedRouter(Strategy):
         dev_size: int | None = Field(None, ge=1, description="dev questions to learn from "
                                                              "(None: all)")
 
-    def _prompt(self, prompt: Prompt, n: int) -> str:
-        return router_prompt(question_of(prompt), n, self.params.model_descriptions)
+    def _prompt(self, prompt: Prompt, n: int) -> Prompt:
+        """The router's input for a task prompt, the same in its SFT rows and when it scores."""
+        return label_prompt(router_prompt(question_of(prompt), n, self.params.model_descriptions))
 
     async def fit(self, ctx: StrategyContext, dev: DevSplit) -> None:
         p, models = self.params, ctx.models
@@ -99,7 +104,7 @@ class TrainedRouter(Strategy):
         best = max(models, key=lambda m: acc[m])  # ties: the job's order
         names = labels(len(models), "Model {}", start=1)
         dev_labels = [best_index(s, t, p.tie_break) for _, s, t in dev_rows]
-        rows = [sft_row(self._prompt(prompt, len(models)), names[k])
+        rows = [chat_row(self._prompt(prompt, len(models)), names[k])
                 for (prompt, s, _), k in zip(dev_rows, dev_labels) if max(s) > min(s)]
         taught = {k for (_, s, _), k in zip(dev_rows, dev_labels) if max(s) > min(s)}
         self.fitted.update(router=router, best=best, dev_accuracy=acc, labels=dev_labels,

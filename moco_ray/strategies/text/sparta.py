@@ -6,11 +6,14 @@ shuffled order, an opponent chosen at random with probability `random_match_prob
 the `num_opponents` with the closest reputation); both answer; every other model judges the duel
 (a pairwise prompt: both answers, a 1-10 score for each); the judges' scores are averaged with
 their reputations as weights; an adapted Elo update (the reference's "normal" rating system:
-erf win-probability gap, K decaying from `initial_k` to `min_k`, deviation from a window of
-recent rating changes, ratings floored at 10) moves the duelists' reputations; the winning answer
-is preferred over the losing one (ties dropped), and every model is DPO-trained (LoRA adapter,
-TRL DPOTrainer in Ray Train + DeepSpeed, reference = the frozen base) on all the round's pairs.
-Later rounds duel, judge and train with the previous round's adapters.
+erf win-probability gap, K decaying over the round's updates from `initial_k` to `min_k`,
+deviation from a window of recent rating changes, ratings floored at 10; the first duelist moves
+first, so the second's update sees its new rating) moves the duelists' reputations. As in the
+reference, every round starts a new rating system: ratings, deviations and the window of rating
+changes carry over, and K starts again from `initial_k`. The winning answer is preferred over
+the losing one (ties dropped), and every model is DPO-trained (LoRA adapter, TRL DPOTrainer in
+Ray Train + DeepSpeed, reference = the frozen base) on all the round's pairs. Later rounds duel,
+judge and train with the previous round's adapters.
 
 At test the final answer comes from one (model, adapter): 'dev_best' (the reference) evaluates
 every model's adapter of every round on dev and keeps the best; 'reputation' takes the model with
@@ -29,6 +32,7 @@ are not implemented (only 'normal').
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import re
 import statistics
@@ -84,8 +88,9 @@ class Rating:
 
 @dataclass
 class Reputation:
-    """The reference's Elo-like reputation ('normal' rating system). `update(duel)` moves both
-    duelists after one judged duel; judges weigh by their rating at that moment."""
+    """The reference's Elo-like reputation ('normal' rating system) for one round. `update(duel)`
+    moves both duelists after one judged duel; judges weigh by their rating at that moment.
+    `next_round()` is the next round's system."""
 
     ratings: dict[str, Rating]
     initial_k: float = 10.0
@@ -128,25 +133,35 @@ class Reputation:
             return
         diff = w[0] - w[1]
         a, b = duelists
-        deltas: dict[str, float] = {}
+        moved: dict[str, float] = {}
+        # In order, as the reference: b's gap is computed from a's new rating; deviations change
+        # only after both moved.
         for me, other, sign in ((a, b, 1.0), (b, a, -1.0)):
             ri, rj = self.ratings[me], self.ratings[other]
             sigma = math.hypot(ri.deviation, rj.deviation) or 1e-6
             gap = math.erf((ri.score - rj.score) / (math.sqrt(2.0) * sigma))
             # |Phi(d) - Phi(-d)| = |erf(d / sqrt 2)|: how surely the ratings order the pair
             delta = k * sign * diff * math.tanh(ri.deviation) * max(abs(gap), self.epsilon)
-            deltas[me] = delta / self.scaling_factor
-        for me, delta in deltas.items():
-            old = self.ratings[me].score
-            self.ratings[me].score = max(self.floor, old + delta)
+            old = ri.score
+            ri.score = max(self.floor, old + delta / self.scaling_factor)
+            moved[me] = ri.score - old
+        for me, change in moved.items():
             hist = self.history.setdefault(me, [])
-            hist.append(self.ratings[me].score - old)
+            hist.append(change)
             del hist[:-self.window_size]
             if len(hist) >= 2:
                 self.ratings[me].deviation = max(statistics.pstdev(hist), self.min_deviation)
 
     def scores(self) -> dict[str, float]:
         return {m: r.score for m, r in self.ratings.items()}
+
+    def next_round(self) -> Reputation:
+        """A new rating system for the next round, as the reference builds one per round:
+        ratings, deviations and the window of rating changes carry over; the update count starts
+        at 0, so K starts again from `initial_k`."""
+        return dataclasses.replace(
+            self, ratings={m: Rating(r.score, r.deviation) for m, r in self.ratings.items()},
+            history={m: list(h) for m, h in self.history.items()}, updates=0)
 
 
 def choose_opponent(first: str, models: list[str], scores: dict[str, float], rng,
@@ -281,6 +296,8 @@ class Sparta(Strategy):
         last_pairs: list[dict] = []  # the last round's DPO rows that trained (kept for meta)
         every: list[tuple[int, str, str | None]] = [(0, m, None) for m in models]
         for rnd in range(1, p.rounds + 1):
+            if rnd > 1:
+                rep = rep.next_round()
             examples = dev.examples[:p.num_instructions]
             duels = schedule(examples, models, rep.scores(), ctx.rng, p.random_match_prob,
                              p.num_opponents)
@@ -290,7 +307,7 @@ class Sparta(Strategy):
             pairs = preference_pairs(judged, rep)
             last_pairs = pairs or last_pairs
             info = {"round": rnd, "duels": len(judged), "pairs": len(pairs),
-                    "ratings": rep.scores()}
+                    "ratings": rep.scores(), "k": rep.k}  # k: after the round's last update
             cfg = self.dpo_config(ctx.seed, len(pairs))
             if pairs and cfg is None:
                 info["skipped"] = (f"{len(pairs)} pair(s) cannot give each of num_workers="

@@ -1,6 +1,7 @@
 """The single-multi evolution loop: collaborate -> distill every model -> hot-swap -> evaluate.
 
-A run lives in `runs/<run>/`: the config, `manifest.json` (stages done, with their outputs),
+A run lives in `<storage>/<run_name>/` (workflows/storage.py, with scratch/ and train/ for what
+jobs and trainings write): the config, `manifest.json` (stages done, with their outputs),
 `gen_<g>/collab/` and `gen_<g>/eval/` (Parquet records), `gen_<g>/data/<model>/` (SFT rows),
 `gen_<g>/checkpoints/<model>/`, `metrics.parquet`. Stages, for generation g >= 1:
 
@@ -27,6 +28,7 @@ from moco_ray.records import Record
 from moco_ray.workflows.evolve.manifest import Manifest
 from moco_ray.workflows.evolve.stages import Stages
 from moco_ray.workflows.runtime import init_ray, load_tasks
+from moco_ray.workflows.storage import RunPaths, check_run_storage, storage_env
 
 
 def stage_names(generations: int) -> list[str]:
@@ -60,7 +62,11 @@ ProgressFn = Callable[[str], None]
 
 def evolve(cfg: EvolveConfig, run_dir: Path, on_stage: ProgressFn | None = None,
            stop_after: str | None = None) -> Path:
-    """Run (or resume) the loop in `run_dir`. `stop_after` ends after that stage (for tests)."""
+    """Run (or resume) the loop in `run_dir`. `stop_after` ends after that stage (for tests).
+    What jobs and trainings write goes under `run_dir` too (`storage_env`), checked writable and
+    shared by every node of the cluster before the pool starts."""
+    paths = RunPaths.at(run_dir)
+    run_dir = paths.root  # absolute: replicas on any node load the checkpoints written here
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_file = run_dir / "config.yaml"
     if cfg_file.exists():
@@ -78,7 +84,15 @@ def evolve(cfg: EvolveConfig, run_dir: Path, on_stage: ProgressFn | None = None,
     if not todo:
         return run_dir
     tasks = load_tasks(cfg.run_config())  # bad rows fail here, before any engine starts
-    init_ray()
+    with storage_env(paths):
+        init_ray()
+        check_run_storage(paths)
+        _run_stages(cfg, run_dir, manifest, tasks, todo, on_stage, stop_after)
+    return run_dir
+
+
+def _run_stages(cfg: EvolveConfig, run_dir: Path, manifest: Manifest, tasks: dict,
+                todo: list[str], on_stage: ProgressFn | None, stop_after: str | None) -> None:
     base = {m.name: models.resolve_path(m.path) for m in cfg.pool.members}
     stages = Stages(cfg, run_dir, manifest, tasks, current_weights(cfg, manifest, base))
     try:
@@ -98,7 +112,6 @@ def evolve(cfg: EvolveConfig, run_dir: Path, on_stage: ProgressFn | None = None,
             i += len(group)
     finally:
         stages.close()
-    return run_dir
 
 
 def dev_only(records: list[Record], where: str) -> list[Record]:

@@ -15,6 +15,13 @@ Recipes: `supervised_kd` gives every model the system's outputs; `multi_student_
 seeded half of the dev examples, the model's own single-model outputs and, on the other half,
 the best single model's (best = highest mean dev score). Filters: `all`, `correct` (score 1),
 `agreement` (the output's extracted answer is held by a strict majority of the single models).
+
+Departure from the reference (moco_distill `multi_student_kd.py`): it takes the single models'
+halves from their test-set evaluation logs and picks the best single model by test score, so
+test data reaches training. Here both come from single-model runs on dev, and
+`refuse_test_rows` refuses any test record before a row is built. The reference's two halves
+are independent random halves of each model's outputs (they may overlap, and coincide when the
+model is the best one); here they split the dev examples in two.
 """
 from __future__ import annotations
 

@@ -8,7 +8,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moco_ray.config import EvolveConfig, JobSpec
-from moco_ray.coordinator import Coordinator
 from moco_ray.outputs import read_dataset, write_records
 from moco_ray.pool.pool import ModelPool
 from moco_ray.records import Record
@@ -16,7 +15,7 @@ from moco_ray.tasks.base import Task
 from moco_ray.training import distill_all
 from moco_ray.workflows.evolve.manifest import Manifest
 from moco_ray.workflows.evolve.sft_data import sft_datasets
-from moco_ray.workflows.sweep import job_request, run_jobs
+from moco_ray.workflows.sweep import job_request, run_jobs, start_coordinator
 
 METRICS = pa.schema([("generation", pa.int64()), ("name", pa.string()), ("kind", pa.string()),
                      ("task", pa.string()), ("score", pa.float64()), ("n", pa.int64())])
@@ -66,7 +65,7 @@ class Stages:
     def _run(self, reqs: list) -> list[Record]:
         import ray
 
-        coord = Coordinator.remote(self.pool.client())
+        coord = start_coordinator(self.pool.client(), on_gpu=self.cfg.pool.on_gpus)
         try:
             records, _ = run_jobs(coord, reqs)
         finally:

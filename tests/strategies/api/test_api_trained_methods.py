@@ -5,11 +5,14 @@ real adapters run in test_api_trained_pool.py."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 import scripted
 from pydantic import ValidationError
 
+from moco_ray.models import zoo
+from moco_ray.models.tokenizer import encode_continuation, encode_prompt, render_prompt
 from moco_ray.records import Generation, Score
 from moco_ray.strategies import training
 from moco_ray.strategies.api.collm import CoLLM, follows
@@ -17,6 +20,7 @@ from moco_ray.strategies.api.switch_generation import SwitchGeneration
 from moco_ray.strategies.api.trained_router import TrainedRouter
 from moco_ray.strategies.base import StrategyContext
 from moco_ray.tasks.base import DevSplit, Example, Task, TestSplit
+from moco_ray.training.data import IGNORE, segments, tokenize_row
 
 
 def lora_pool_class(base):
@@ -24,6 +28,10 @@ def lora_pool_class(base):
     `respond` as call.lora and by the scorer as a 4th argument) and weights_path."""
 
     class LoraPool(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scored_prompts = []  # every scored prompt as sent (chat messages or raw text)
+
         async def generate(self, model, prompts, params, lora=None):
             await asyncio.sleep(0)
             mod = scripted
@@ -38,6 +46,7 @@ def lora_pool_class(base):
             await asyncio.sleep(0)
             text = scripted.text_of(prompt)
             self.scored.append((model, text, list(continuations), lora))
+            self.scored_prompts.append(prompt)
             sums = [self.scorer(model, text, c, lora) for c in continuations]
             return [Score(sum_logprob=s, mean_logprob=s, num_tokens=1) for s in sums]
 
@@ -418,3 +427,52 @@ def test_switch_param_errors(lora_toy):
         run(SwitchGeneration({"selector_model": "nope"}).fit_checked(ctx, ctx.task.dev))
     with pytest.raises(ValidationError):
         SwitchGeneration({"patch_tokens": 0})
+
+
+# --- the selectors see the same input in training and at test time ---------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(zoo.tiny_tokenizer_dir())
+
+
+def selector_scorer(model, text, cont, lora):
+    return 0.0 if cont == "0" else -3.0
+
+
+@pytest.mark.parametrize("method", ["api_trained_router", "api_switch_generation"])
+def test_selector_scores_labels_after_the_input_it_was_trained_on(lora_toy, trained,
+                                                                 tiny_tokenizer, method):
+    """For one dev example, the text (and token ids) the trainer puts before the label equal
+    those the engine puts before the labels it scores at test time, rendered by a real
+    tokenizer with a chat template (trainer: training/data.py; engine: models/tokenizer.py)."""
+    tok = tiny_tokenizer
+    if method == "api_trained_router":
+        ctx, pool = lora_toy(["m0", "m1", "m2"], expert_respond, router_scorer, n_dev=8,
+                             topic=topic_of)
+        strat, name = TrainedRouter(), "router"
+    else:
+        ctx, pool = lora_toy(["early", "late"], switch_respond, selector_scorer,
+                             task=switch_task())
+        strat = SwitchGeneration({"patch_tokens": 2, "training_instances": 12, "rollouts": 8})
+        name = "selector"
+    run(strat.fit_checked(ctx, ctx.task.dev))
+    [call] = trained
+    _, rows = call["jobs"][name]
+    # A row of the first routing decision (for Switch Generation: no patch written yet).
+    row = next(r for r in rows if "<model" not in r["messages"][0]["content"])
+    ex = next(e for e in ctx.task.dev.examples
+              if re.search(rf"{re.escape(e.question)}\b", row["messages"][0]["content"]))
+    run(strat.solve(ctx.example(ex), ex))
+    shown = pool.scored_prompts[0]  # the first choice on this example, before any patch
+
+    msgs = row["messages"]
+    before_label = segments(tok, msgs)[0]
+    assert not before_label[1] and before_label[0] == render_prompt(tok, shown)
+    enc = tokenize_row(row, tok, 4096, 0)
+    first = next(i for i, lab in enumerate(enc["labels"]) if lab != IGNORE)
+    assert enc["input_ids"][:first] == encode_prompt(tok, shown)
+    label = encode_continuation(tok, msgs[-1]["content"])
+    assert enc["input_ids"][first:first + len(label)] == label

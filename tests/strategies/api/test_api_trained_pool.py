@@ -101,7 +101,7 @@ def test_trained_router_trains_and_serves_its_adapter(lpool, task, tmp_path):
         [answer] = [t for t in r.trace if t.step == "answer"]
         assert answer.model == r.meta["routed_to"] and r.output == answer.output
     # The adapter, served per request from the live deployment, learned the label format.
-    prompt = [{"role": "user", "content": strat._prompt(task.prompt(task.test.examples[0]), 2)}]
+    prompt = strat._prompt(task.prompt(task.test.examples[0]), 2)  # as the router saw it
 
     async def both():
         client = lpool.client()

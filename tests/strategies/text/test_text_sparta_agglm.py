@@ -69,13 +69,16 @@ def fake_dpo(monkeypatch):
 
 def test_reputation_update_follows_the_reference_formula():
     rep = Reputation({m: Rating(100.0, 0.5) for m in "abc"})
-    rep.ratings["a"].score = 110.0
+    rep.ratings["a"].score = 100.2  # close ratings: the erf gap is far from saturated
     rep.update(("a", "b"), {"c": (8.0, 2.0), "a": (1.0, 10.0)})  # a's own verdict is ignored
     k = 10.0 * 0.9 ** (1 / 10)
-    gap = math.erf(10.0 / (math.sqrt(2) * math.hypot(0.5, 0.5)))
-    step = k * 6.0 * math.tanh(0.5) * gap / 20.0
-    assert rep.ratings["a"].score == pytest.approx(110.0 + step)
-    assert rep.ratings["b"].score == pytest.approx(100.0 - step)
+    sigma = math.sqrt(2) * math.hypot(0.5, 0.5)
+    step = k * 6.0 * math.tanh(0.5) * math.erf(0.2 / sigma) / 20.0
+    assert rep.ratings["a"].score == pytest.approx(100.2 + step)
+    # b moves second: its gap is from a's new rating, as in the reference
+    step_b = k * 6.0 * math.tanh(0.5) * math.erf((0.2 + step) / sigma) / 20.0
+    assert step_b > 2 * step
+    assert rep.ratings["b"].score == pytest.approx(100.0 - step_b)
     assert rep.ratings["c"].score == 100.0  # judges do not move
     # K decays with updates, down to min_k
     rep.updates = 1000
@@ -88,6 +91,36 @@ def test_reputation_update_follows_the_reference_formula():
     frozen = Reputation({m: Rating(100.0, 0.5) for m in "abc"}, frozen=True)
     frozen.update(("a", "b"), {"c": (10.0, 1.0)})
     assert frozen.scores() == {m: 100.0 for m in "abc"}
+
+
+def test_each_round_starts_a_new_rating_system_with_k_back_at_initial_k():
+    rep = Reputation({m: Rating(100.0, 0.5) for m in "abc"})
+    for i in range(40):
+        rep.update(("a", "b"), {"c": (8.0, 2.0) if i % 3 else (2.0, 9.0)})
+    assert rep.k == pytest.approx(10.0 * 0.9 ** 4)  # decayed over the round's 40 updates
+    nxt = rep.next_round()
+    assert nxt.updates == 0 and nxt.k == 10.0  # K starts again, as in the reference
+    # ratings, deviations and the window of rating changes carry over ...
+    assert nxt.scores() == rep.scores() and nxt.history == rep.history
+    assert [r.deviation for r in nxt.ratings.values()] == [
+        r.deviation for r in rep.ratings.values()]
+    assert rep.ratings["a"].deviation != 0.5 and len(nxt.history["a"]) == 10
+    # ... as copies: the new round's updates leave the old round's system alone
+    before = rep.scores()
+    nxt.update(("a", "b"), {"c": (9.0, 1.0)})
+    assert rep.scores() == before and nxt.scores() != before
+    assert len(rep.history["b"]) == 10 and rep.history["b"] != nxt.history["b"]
+
+
+def test_fit_restarts_k_every_round(toy, fake_dpo):
+    ctx, _ = lora_pool(toy, MODELS, fair_respond, n_dev=8)
+    strat = Sparta({"rounds": 2, "final": "reputation"})
+    asyncio.run(strat.fit_checked(ctx, ctx.task.dev))
+    rounds = strat.fitted["rounds"]
+    assert [r["duels"] for r in rounds] == [8, 8]
+    # 8 updates per round: K ends each round at the same value (one system across rounds
+    # would reach 10 * 0.9 ** 1.6 by the end of round 2)
+    assert [r["k"] for r in rounds] == pytest.approx([10.0 * 0.9 ** 0.8] * 2)
 
 
 def test_judges_are_weighted_by_reputation():

@@ -21,6 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from moco_ray.workflows.lineage import lineage
+
 CONFIG = {
     "run_name": "e2e", "seed": 0, "concurrency": 16, "generations": 1,
     "recipe": "multi_student_kd", "keep": "all",
@@ -48,7 +50,7 @@ def _manifest(run_dir: Path) -> dict:
 
 @pytest.mark.timeout(1500)
 def test_evolve_killed_then_resumed(tmp_path, _zoo_cache):
-    cfg = dict(CONFIG, output_dir=str(tmp_path / "runs"))
+    cfg = dict(CONFIG, storage=str(tmp_path / "runs"))
     path = tmp_path / "evolve.yaml"
     path.write_text(yaml.safe_dump(cfg))
     run_dir = tmp_path / "runs" / "e2e"
@@ -92,3 +94,14 @@ def test_evolve_killed_then_resumed(tmp_path, _zoo_cache):
     collab = pq.read_table(after["collab_1"]["output"]["records"]).to_pylist()
     assert {r["split"] for r in collab} == {"dev"}
     assert "report:" in done.stdout and (run_dir / "report.md").exists()
+    assert (run_dir / "report.html").exists()
+
+    # Lineage of the real run: v0 -> v1 per model, its rows and hashes as the run wrote them.
+    tree = lineage(run_dir, verify=True)
+    for m in ("m0", "m1"):
+        v0, v1 = tree[m]
+        assert (v0.version, v0.generation, v1.version, v1.generation, v1.parent) == \
+            (0, 0, 1, 1, 0)
+        assert v1.live and v1.verified == "ok" and v1.strategy == "text_majority_vote"
+        assert v1.sft.rows == after["data_1"]["output"]["data"][m]["n"]
+        assert v1.sha256 == json.loads(Path(ckpts[m], "moco_checkpoint.json").read_text())["files"]

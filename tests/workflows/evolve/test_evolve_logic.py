@@ -88,6 +88,28 @@ def test_training_data_cannot_come_from_test(task, ray_session):
         dev_only(recs, "here")
 
 
+def test_multi_student_kd_trains_and_picks_the_best_single_on_dev_records_only(task,
+                                                                              ray_session):
+    # The reference (moco_distill) takes the single models' halves from their test-set logs and
+    # picks the best single model by test score; here every row is a dev record's.
+    recs = _records(task)
+    dev_rows = {(r.strategy, r.trace[0].model, r.example_id, r.output) for r in recs}
+    rows = build_rows(recs, MODELS, "sys", "multi_student_kd", "all", {"max": task}, 0)
+    for m in MODELS:
+        assert {r["source"] for r in rows[m]} > {"system"}  # the single-model halves are there
+        for r in rows[m]:
+            writer = {"system": ("sys", "group"), "self": ("single", m)}.get(
+                r["source"], ("single", r["source"].removeprefix("best:")))
+            assert (*writer, r["example_id"], r["messages"][-1]["content"]) in dev_rows
+    # Single-model test runs, where c (always wrong on dev) is perfect: refused outright, so
+    # they can neither add rows nor make c the best single model.
+    test_singles = [_rec("single", "c", ex, str(ex.reference), 1.0, split="test")
+                    for ex in task.test]
+    with pytest.raises(ValueError, match="only dev records may feed distillation"):
+        build_rows(recs + test_singles, MODELS, "sys", "multi_student_kd", "all",
+                   {"max": task}, 0)
+
+
 def test_manifest_is_atomic_and_resumable(tmp_path):
     m = Manifest(tmp_path)
     assert not m.done("eval_0")
@@ -164,6 +186,7 @@ def test_loop_runs_eval_with_next_collab_and_resumes(tmp_path, monkeypatch, over
 
     monkeypatch.setattr(ev, "Stages", _FakeStages)
     monkeypatch.setattr(ev, "init_ray", lambda: None)
+    monkeypatch.setattr(ev, "check_run_storage", lambda paths: None)  # no Ray here
     monkeypatch.setattr(models, "resolve_path", lambda p: p)
     raw = {"pool": {"models": [{"name": "a", "path": "zoo:tiny"}]}, "generations": 2,
            "tasks": [{"name": "max", "source": "synthetic", "dev_limit": 4, "test_limit": 4}],
