@@ -266,7 +266,7 @@ def train_worker(config: dict[str, Any]) -> None:
     def on_checkpoint(step: int, st: TrainState) -> None:
         # Every rank writes its shard into its own dir; Ray Train gathers them into one
         # checkpoint. The pending step losses go with it (reports stay equal across ranks).
-        with tempfile.TemporaryDirectory(prefix="moco_resume_") as tmp:
+        with tempfile.TemporaryDirectory(prefix="moco_resume_", dir=_staging_root()) as tmp:
             save_resume_point(st.engine, tmp, step, st.losses)
             if rank == 0:
                 write_run_progress(tmp, config.get("done_before", []), config.get("job"), False)
@@ -279,7 +279,9 @@ def train_worker(config: dict[str, Any]) -> None:
                          on_checkpoint=None if warm else on_checkpoint,
                          resume_dir=config.get("resume_dir"))
     state.entered = entered  # the run began with the worker, before its data shard was read
-    with tempfile.TemporaryDirectory(prefix="moco_ckpt_") as tmp:
+    # Staged under the run's train storage when there is one ($MOCO_RAY_TRAIN_STORAGE, see
+    # workflows/storage.py), so a run writes nothing outside its storage; else the temp dir.
+    with tempfile.TemporaryDirectory(prefix="moco_ckpt_", dir=_staging_root()) as tmp:
         manifest = save_checkpoint(state, cfg, config["base_model_dir"], config["model_name"],
                                    (config["out_dir"] if warm else tmp) if rank == 0 else None)
         release_engine(state.engine)
@@ -296,6 +298,13 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(final)
+
+
+def _staging_root() -> str | None:
+    root = os.environ.get("MOCO_RAY_TRAIN_STORAGE") or None
+    if root:
+        os.makedirs(root, exist_ok=True)
+    return root
 
 
 # In every checkpoint a run reports: which of its models are done, so a restarted run (Ray

@@ -113,7 +113,7 @@ def _probe(probe_dir: str, name: str, token: str, driver_file: str, wait_s: floa
     return f"does not see the driver's file {driver_file} (wrote {mine})"
 
 
-def check_storage(root: str | Path, timeout_s: float = 30.0) -> None:
+def check_storage(root: str | Path, timeout_s: float = 120.0) -> None:
     """Check that every alive node of the Ray cluster can write under `root` and that the
     driver and the nodes see each other's files: one tiny task pinned to each node writes
     `<root>/.storage_probe/<node_id>` and reads the driver's probe there; the driver then reads
@@ -180,7 +180,7 @@ def _sees(path: Path, token: str, deadline: float) -> bool:
         time.sleep(0.05)
 
 
-def check_run_storage(paths: RunPaths, timeout_s: float = 30.0) -> None:
+def check_run_storage(paths: RunPaths, timeout_s: float = 120.0) -> None:
     """`check_storage` on every dir the run writes to (`RunPaths.roots`)."""
     for root in paths.roots():
         check_storage(root, timeout_s)

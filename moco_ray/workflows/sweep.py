@@ -102,8 +102,15 @@ def start_coordinator(pool, name: str | None = None, **kw):
     """A Coordinator actor over `pool` (a PoolClient) that carries the job env itself: on a Ray
     started before this run (tests, a notebook) the job's env lacks this run's dirs
     (workflows/storage.py), and what the coordinator starts (trainers) inherits its env. Ray
-    restarts it up to COORDINATOR_RESTARTS times if it dies; `run_jobs` resubmits its jobs."""
-    return Coordinator.options(runtime_env=job_env(), name=name,
+    restarts it up to COORDINATOR_RESTARTS times if it dies; `run_jobs` resubmits its jobs. It is
+    pinned to the driver's node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node: a 0-CPU actor may land on any node, and losing a worker node must
+    # not take the coordinator with it (the driver's node going takes the run anyway).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Coordinator.options(runtime_env=job_env(), name=name, scheduling_strategy=here,
                                max_restarts=COORDINATOR_RESTARTS).remote(pool, **kw)
 
 

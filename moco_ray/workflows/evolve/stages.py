@@ -187,7 +187,10 @@ def metric_rows(recs: list[Record], g: int, models: list[str]) -> list[dict]:
     """Mean test score per (single model or system, task), plus the task mix ('all')."""
     groups: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in recs:
-        name = r.trace[0].model if r.strategy == "single" and r.trace else "system"
+        # The system's jobs are labelled "system" (see _requests): a system that is itself
+        # `single` (one model alone) must not pass for that model's own row.
+        system = r.job.startswith(f"g{r.generation}-{r.split}-system-") or r.strategy != "single"
+        name = "system" if system or not r.trace else r.trace[0].model
         for task in (r.task, "all"):
             groups[(name, task)].append(r.score or 0.0)
     return [{"generation": g, "name": n, "kind": "model" if n in models else "system",

@@ -215,3 +215,17 @@ def test_only_eval_then_next_collab_overlap():
     assert overlaps(["eval_0", "collab_1"]) and overlaps(["eval_3", "collab_4"])
     assert not overlaps(["eval_1", "collab_1"]) and not overlaps(["collab_1", "data_1"])
     assert not overlaps(["eval_2"]) and not overlaps(["swap_1", "eval_1"])
+
+
+def test_a_single_model_system_gets_its_own_metric_row(task):
+    """system: {strategy: single}: its records look like that model's own single records; the
+    job label keeps them apart (a missing "system" row crashed the report)."""
+    recs = []
+    for i, ex in enumerate(task.test):
+        own = _rec("single", "a", ex, "", float(i < 2), split="test")
+        sys = _rec("single", "a", ex, "", float(i < 3), split="test")
+        recs += [own.model_copy(update={"job": "g0-test-a-max"}),
+                 sys.model_copy(update={"job": "g0-test-system-max"})]
+    rows = {(r["name"], r["task"]): r for r in metric_rows(recs, 0, ["a"])}
+    assert rows[("a", "all")]["score"] == 0.5 and rows[("a", "all")]["kind"] == "model"
+    assert rows[("system", "all")]["score"] == 0.75 and rows[("system", "all")]["kind"] == "system"
