@@ -32,7 +32,7 @@ def _target(task, example) -> str:
 def smollm2_specialist(out_dir: Path, task_name: str, rows: int = SMOL_FT_ROWS,
                        steps: int = SMOL_FT_STEPS) -> Path:
     """SmolLM2-135M-Instruct with a LoRA (r=16, merged) tuned on the first `rows` DEV rows of the
-    MoCo task `task_name` (read from ../shared/data or $MOCO_RAY_DATA): a copy that leans to one
+    MoCo task `task_name` (read where `tasks.loaders.moco_data_dir` says): a copy that leans to one
     task's questions and answer form. Trained with moco_ray's own DeepSpeed loop on one rank."""
     task = load_task(TaskSpec(name=task_name, source="moco", dev_limit=rows, test_limit=1))
     data = [{"messages": [*task.prompt(ex), {"role": "assistant", "content": _target(task, ex)}]}
