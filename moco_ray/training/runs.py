@@ -58,13 +58,23 @@ def checkpoint_info(model: str, out_dir: str, seconds: float) -> CheckpointInfo:
         train_finished=manifest["train_finished"])
 
 
+# A run's Ray Train storage (`<storage>/<run_name>/train`), set by workflows/storage.py.
+TRAIN_STORAGE_ENV = "MOCO_RAY_TRAIN_STORAGE"
+
+
 def scratch_storage(prefix: str) -> str:
     """A new storage dir of a run that has no `storage_path`: under $MOCO_RAY_TRAIN_STORAGE
     (`<storage>/<run_name>/train`, set by `moco-ray run` / `evolve`), else $MOCO_RAY_WORKDIR
     (storage every node sees, on a cluster; the job's runtime env carries both to every actor),
     else the system temp dir (one machine). The run removes it once its checkpoints are out."""
-    root = (os.environ.get("MOCO_RAY_TRAIN_STORAGE") or os.environ.get("MOCO_RAY_WORKDIR")
-            or None)
+    return tempfile.mkdtemp(prefix=prefix,
+                            dir=env_dir(TRAIN_STORAGE_ENV, "MOCO_RAY_WORKDIR"))
+
+
+def env_dir(*names: str) -> str | None:
+    """The dir the first set env var of `names` names, created if missing; None if none is set
+    (the caller then uses the system temp dir)."""
+    root = next((os.environ[n] for n in names if os.environ.get(n)), None)
     if root:
         os.makedirs(root, exist_ok=True)
-    return tempfile.mkdtemp(prefix=prefix, dir=root)
+    return root

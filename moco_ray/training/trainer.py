@@ -26,6 +26,7 @@ from moco_ray.training.checkpoint import save_checkpoint
 from moco_ray.training.data import IGNORE, collate, plain
 from moco_ray.training.loss import kd_sum, sft_sum
 from moco_ray.training.model import build_model
+from moco_ray.training.runs import TRAIN_STORAGE_ENV, env_dir
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,8 @@ def train_worker(config: dict[str, Any]) -> None:
     def on_checkpoint(step: int, st: TrainState) -> None:
         # Every rank writes its shard into its own dir; Ray Train gathers them into one
         # checkpoint. The pending step losses go with it (reports stay equal across ranks).
-        with tempfile.TemporaryDirectory(prefix="moco_resume_", dir=_staging_root()) as tmp:
+        staging = env_dir(TRAIN_STORAGE_ENV)
+        with tempfile.TemporaryDirectory(prefix="moco_resume_", dir=staging) as tmp:
             save_resume_point(st.engine, tmp, step, st.losses)
             if rank == 0:
                 write_run_progress(tmp, config.get("done_before", []), config.get("job"), False)
@@ -281,7 +283,7 @@ def train_worker(config: dict[str, Any]) -> None:
     state.entered = entered  # the run began with the worker, before its data shard was read
     # Staged under the run's train storage when there is one ($MOCO_RAY_TRAIN_STORAGE, see
     # workflows/storage.py), so a run writes nothing outside its storage; else the temp dir.
-    with tempfile.TemporaryDirectory(prefix="moco_ckpt_", dir=_staging_root()) as tmp:
+    with tempfile.TemporaryDirectory(prefix="moco_ckpt_", dir=env_dir(TRAIN_STORAGE_ENV)) as tmp:
         manifest = save_checkpoint(state, cfg, config["base_model_dir"], config["model_name"],
                                    (config["out_dir"] if warm else tmp) if rank == 0 else None)
         release_engine(state.engine)
@@ -298,13 +300,6 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(final)
-
-
-def _staging_root() -> str | None:
-    root = os.environ.get("MOCO_RAY_TRAIN_STORAGE") or None
-    if root:
-        os.makedirs(root, exist_ok=True)
-    return root
 
 
 # In every checkpoint a run reports: which of its models are done, so a restarted run (Ray
